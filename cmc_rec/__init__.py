@@ -1,0 +1,1 @@
+"""Contrastive matrix completion for recommendation (work in progress)."""

@@ -1,0 +1,1 @@
+"""Few-shot classification with conditional class dependencies (work in progress)."""
