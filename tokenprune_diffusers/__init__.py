@@ -1,0 +1,31 @@
+"""Prompt-token pruning for diffusers' cross-attention, honestly measured.
+
+    >>> from tokenprune_diffusers import TokenPruneProcessor
+    >>> pipe.unet.set_attn_processor(TokenPruneProcessor(threshold=0.1, warmup=0.2))
+
+or, keeping the processors already installed and the pipeline's tokenizer for readable reports:
+
+    >>> proc = apply_token_pruning(pipe, threshold=0.1, warmup=0.2)
+    >>> image = pipe("a cat wearing a red hat").images[0]
+    >>> print(proc.report.summary())
+    >>> remove_token_pruning(pipe)
+"""
+
+from .config import TokenPruneConfig
+from .patch import apply_token_pruning, get_token_pruning, remove_token_pruning
+from .processor import TokenPruneProcessor
+from .report import PruneReport, StepRecord
+from .tokenizer import load_clip_tokenizer
+
+__all__ = [
+    "TokenPruneProcessor",
+    "TokenPruneConfig",
+    "apply_token_pruning",
+    "remove_token_pruning",
+    "get_token_pruning",
+    "PruneReport",
+    "StepRecord",
+    "load_clip_tokenizer",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,77 @@
+"""Installing and removing the processor on a pipeline or UNet: the wiring, no maths."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .processor import TokenPruneProcessor
+
+__all__ = ["apply_token_pruning", "remove_token_pruning", "get_token_pruning"]
+
+
+def _unet(model: Any):
+    unet = getattr(model, "unet", model)
+    if not hasattr(unet, "set_attn_processor") or not hasattr(unet, "attn_processors"):
+        raise TypeError(f"expected a diffusers pipeline or UNet with attention processors, got {type(model).__name__}")
+    return unet
+
+
+def _attention_modules(unet) -> dict[str, Any]:
+    """Processor key (as in ``unet.attn_processors``) -> attention module."""
+    return {f"{name}.processor": m for name, m in unet.named_modules() if hasattr(m, "set_processor")}
+
+
+def get_token_pruning(model: Any) -> TokenPruneProcessor | None:
+    """The ``TokenPruneProcessor`` installed on a pipeline / UNet, or None."""
+    for proc in _unet(model).attn_processors.values():
+        if isinstance(proc, TokenPruneProcessor):
+            return proc
+    return None
+
+
+def apply_token_pruning(model: Any, processor: TokenPruneProcessor | None = None, **options: Any) -> TokenPruneProcessor:
+    """Install token pruning on every attention layer of a pipeline's UNet (or of a UNet).
+
+    The processors already installed are kept and wrapped: stock ones are reproduced exactly,
+    custom ones (IP-Adapter and the like) are called with the pruned text tokens. Applying twice
+    replaces the first application (the original processors are still the ones remembered);
+    :func:`remove_token_pruning` puts the original processor objects back.
+
+    Args:
+        model: a diffusers pipeline (its ``unet`` and ``tokenizer`` are used) or a UNet.
+        processor: a configured :class:`TokenPruneProcessor`; or give its options as keywords
+            (``threshold``, ``warmup``, ``keep_ratio``, ``top_k``, ``min_tokens``, ``padding``, ...).
+
+    Returns:
+        The installed processor; after a call, ``processor.report`` tells what was pruned.
+    """
+    if processor is not None and options:
+        raise TypeError(f"give a processor or its options, not both (got options {sorted(options)})")
+    proc = processor if processor is not None else TokenPruneProcessor(**options)
+    unet = _unet(model)
+    installed = get_token_pruning(unet)
+    originals = installed.originals if installed is not None and installed.originals is not None else unet.attn_processors
+    proc.wrap(originals, _attention_modules(unet))
+    if getattr(model, "tokenizer", None) is not None:
+        proc.tokenizer = model.tokenizer
+    unet.set_attn_processor(proc)
+    return proc
+
+
+def remove_token_pruning(model: Any) -> None:
+    """Put back the processors that :func:`apply_token_pruning` replaced (the same objects).
+
+    A no-op when token pruning is not installed. A processor installed by hand with
+    ``unet.set_attn_processor(TokenPruneProcessor(...))`` remembers nothing, so the stock
+    ``AttnProcessor2_0`` is installed in its place.
+    """
+    unet = _unet(model)
+    installed = get_token_pruning(unet)
+    if installed is None:
+        return
+    if installed.originals is not None:
+        unet.set_attn_processor(dict(installed.originals))
+    else:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        unet.set_attn_processor(AttnProcessor2_0())

@@ -1,0 +1,160 @@
+"""What a generation did: per UNet call, which tokens were kept, and what it cost."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .scoring import PADDING, SPECIAL
+
+__all__ = ["StepRecord", "PruneReport", "cross_attention_flops"]
+
+
+def cross_attention_flops(batch: int, queries: int, tokens: int, query_dim: int, cross_dim: int, inner: int, out_dim: int) -> dict[str, float]:
+    """Multiply-add FLOPs (2 per MAC) of one cross-attention call, split into its parts."""
+    return {
+        "q_proj": 2.0 * batch * queries * query_dim * inner,
+        "kv_proj": 2.0 * 2 * batch * tokens * cross_dim * inner,
+        "scores": 2.0 * batch * queries * tokens * inner,
+        "weighting": 2.0 * batch * queries * tokens * inner,
+        "out_proj": 2.0 * batch * queries * inner * out_dim,
+    }
+
+
+@dataclass
+class StepRecord:
+    """One UNet call of a generation."""
+
+    call: int  # index of the UNet call in the generation
+    pruned: bool  # were tokens removed on this call
+    scored: bool  # were attention probabilities computed on this call
+    kept_counts: list[int] | None = None  # kept tokens per batch row (None: all kept)
+    flops_full: float = 0.0  # cross-attention FLOPs with every token, no scoring
+    flops_done: float = 0.0  # cross-attention FLOPs actually computed (scoring included)
+    layers: int = 0  # cross-attention layers seen
+
+
+@dataclass
+class PruneReport:
+    """The record of one generation, filled by the processor as the generation runs.
+
+    Rows are UNet batch rows: under classifier-free guidance the negative prompts come first.
+    """
+
+    num_calls: int | None  # UNet calls of the generation (None when unknown)
+    prune_start: int | None  # first pruned call (None: nothing pruned)
+    prompts: list[str] | None = None  # text of each row, when known
+    token_ids: torch.Tensor | None = None  # (B, L) ids, when known
+    tokens: list[list[str]] | None = None  # (B, L) token strings, when a tokenizer is known
+    roles: torch.Tensor | None = None  # (B, L) roles (scoring.SPECIAL / WORD / PADDING)
+    mass: torch.Tensor | None = None  # (B, L) raw mass accumulated over the scored calls (sum)
+    scored_layers: int = 0  # layer calls summed into mass
+    scores: torch.Tensor | None = None  # (B, L) normalised scores at the pruning decision
+    keep: torch.Tensor | None = None  # (B, L) bool: tokens kept after the warm-up
+    steps: list[StepRecord] = field(default_factory=list)
+    maps: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # (h, w) -> (B, L, h, w) sums
+    map_counts: dict[tuple[int, int], int] = field(default_factory=dict)
+
+    # ----- what people ask -----
+    @property
+    def flops_saved(self) -> float:
+        """Share of cross-attention FLOPs saved over the whole generation (scoring overhead counted)."""
+        full = sum(s.flops_full for s in self.steps)
+        done = sum(s.flops_done for s in self.steps)
+        return 0.0 if full == 0 else 1.0 - done / full
+
+    def kept_positions(self, row: int) -> list[int]:
+        """Positions kept after the warm-up for one batch row (all when nothing was pruned)."""
+        if self.keep is None:
+            n = self.roles.shape[1] if self.roles is not None else 0
+            return list(range(n))
+        return self.keep[row].nonzero().flatten().tolist()
+
+    def pruned_positions(self, row: int) -> list[int]:
+        if self.keep is None:
+            return []
+        return (~self.keep[row]).nonzero().flatten().tolist()
+
+    def words(self, row: int, positions: list[int] | None = None, padding: bool = False) -> list[str]:
+        """Token strings of a row (``</w>`` stripped), optionally only at ``positions``."""
+        if self.tokens is None:
+            return []
+        toks = self.tokens[row]
+        positions = range(len(toks)) if positions is None else positions
+        roles = self.roles[row] if self.roles is not None else None
+        return [
+            toks[p].replace("</w>", "")
+            for p in positions
+            if padding or roles is None or int(roles[p]) != PADDING
+        ]
+
+    def kept_words(self, row: int) -> list[str]:
+        return self.words(row, self.kept_positions(row))
+
+    def pruned_words(self, row: int) -> list[str]:
+        return self.words(row, self.pruned_positions(row))
+
+    def token_maps(self, row: int, size: tuple[int, int] | None = None) -> torch.Tensor | None:
+        """(L, h, w) mean attention map of each token over the scored calls and layers."""
+        if not self.maps:
+            return None
+        size = size or max(self.maps, key=lambda hw: hw[0] * hw[1])
+        total = None
+        for hw, acc in self.maps.items():
+            m = acc[row : row + 1] / self.map_counts[hw]  # (1, L, h, w)
+            m = F.interpolate(m, size=size, mode="bilinear", align_corners=False) if hw != size else m
+            total = m if total is None else total + m
+        return (total / len(self.maps))[0]  # (L, h, w)
+
+    def summary(self, max_rows: int = 4) -> str:
+        """A readable account: schedule, per-row kept / pruned words with scores, FLOPs saved."""
+        lines = []
+        n = self.num_calls if self.num_calls is not None else "?"
+        start = self.prune_start if self.prune_start is not None else "never"
+        lines.append(f"UNet calls: {n}; scored calls: 0..{(self.prune_start or 0) - 1}; pruned from call: {start}")
+        if self.keep is not None and self.scores is not None:
+            rows = self.keep.shape[0]
+            for r in range(min(rows, max_rows)):
+                label = f"row {r}" + (f" ({self.prompts[r]!r})" if self.prompts else "")
+                lines.append(label)
+                for p in range(self.keep.shape[1]):
+                    role = int(self.roles[r, p]) if self.roles is not None else -1
+                    if role == PADDING:
+                        continue
+                    tok = self.tokens[r][p].replace("</w>", "") if self.tokens else f"#{p}"
+                    state = "kept (special)" if role == SPECIAL else ("kept" if bool(self.keep[r, p]) else "PRUNED")
+                    lines.append(f"    {p:3d} {tok:<18s} score {float(self.scores[r, p]):7.3f}  {state}")
+                if self.roles is not None:
+                    pad = self.roles[r] == PADDING
+                    if bool(pad.any()):
+                        kept_pad = int((self.keep[r] & pad).sum())
+                        lines.append(f"    padding: {kept_pad}/{int(pad.sum())} positions kept")
+            if rows > max_rows:
+                lines.append(f"    ... {rows - max_rows} more rows")
+        lines.append("call  scored  pruned  kept tokens per row")
+        for s in self.steps:
+            kept = "all" if s.kept_counts is None else ",".join(map(str, s.kept_counts))
+            lines.append(f"{s.call:4d}  {'yes' if s.scored else 'no':>6s}  {'yes' if s.pruned else 'no':>6s}  {kept}")
+        lines.append(f"cross-attention FLOPs saved: {100 * self.flops_saved:.1f}% (scoring overhead counted)")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable view."""
+        return {
+            "num_calls": self.num_calls,
+            "prune_start": self.prune_start,
+            "prompts": self.prompts,
+            "flops_saved": self.flops_saved,
+            "rows": [
+                {
+                    "kept_positions": self.kept_positions(r),
+                    "kept_words": self.kept_words(r),
+                    "pruned_words": self.pruned_words(r),
+                    "scores": None if self.scores is None else [round(float(x), 5) for x in self.scores[r]],
+                }
+                for r in range(self.keep.shape[0] if self.keep is not None else 0)
+            ],
+            "steps": [s.__dict__ for s in self.steps],
+        }
