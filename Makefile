@@ -17,7 +17,7 @@ install: $(STAMP)
 
 ## the main job: stock vs pruned on the embedded default pipeline, offline
 demo: $(STAMP)
-	$(PY) -m tokenprune_diffusers --out outputs/demo
+	$(PY) -m tokenprune_diffusers --keep-ratio 0.5 --out outputs/demo
 
 ## lint + the whole test suite (2 CPU cores, no network, no weights)
 test: $(STAMP)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import TokenPruneConfig
 from .heatmap import render_heatmaps
 from .patch import apply_token_pruning, remove_token_pruning
 
@@ -47,6 +48,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error(f"--steps must be >= 1, got {args.steps}")
     if args.size < 8 or args.size % 8:
         ap.error(f"--size must be a positive multiple of 8, got {args.size}")
+    try:  # refuse bad pruning options before minutes are spent building the pipeline
+        TokenPruneConfig(threshold=args.threshold, keep_ratio=args.keep_ratio, top_k=args.top_k, warmup=args.warmup, padding=args.padding)
+    except ValueError as err:
+        ap.error(str(err))
     return args
 
 

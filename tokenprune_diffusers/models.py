@@ -26,6 +26,7 @@ __all__ = [
     "build_unet",
     "sd15_pipeline",
     "tiny_pipeline",
+    "tiny_sdxl_pipeline",
 ]
 
 # runwayml/stable-diffusion-v1-5, unet/config.json (860M parameters)
@@ -206,3 +207,51 @@ def sd15_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
 def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     """A tiny SD-1.x-shaped ``StableDiffusionPipeline`` (seconds to build and run; for tests)."""
     return _pipeline(TINY_UNET_CONFIG, TINY_VAE_CONFIG, TINY_TEXT_CONFIG, seed, dtype)
+
+
+# A tiny SDXL-shaped UNet (added text/time conditions, two text encoders), as in diffusers' SDXL tests
+TINY_SDXL_UNET_CONFIG = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    attention_head_dim=(2, 4),
+    transformer_layers_per_block=(1, 2),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=80,  # 6 time ids x 8 + 32 pooled text
+    cross_attention_dim=64,  # 32 + 32 from the two text encoders
+    norm_num_groups=1,
+)
+
+
+def tiny_sdxl_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A tiny SDXL-shaped ``StableDiffusionXLPipeline`` (two text encoders, added conditions; for tests)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from .tokenizer import load_clip_tokenizer
+
+    text_cfg = CLIPTextConfig(**{**TINY_TEXT_CONFIG, "projection_dim": 32, "hidden_act": "gelu"})
+    with _seeded(seed):
+        unet = build_unet(TINY_SDXL_UNET_CONFIG, seed=seed)
+        vae = AutoencoderKL(**TINY_VAE_CONFIG)
+        text_encoder = CLIPTextModel(text_cfg)
+        text_encoder_2 = CLIPTextModelWithProjection(text_cfg)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer=load_clip_tokenizer(),
+        tokenizer_2=load_clip_tokenizer(pad_token="!"),
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
+        ),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)

@@ -101,6 +101,7 @@ class PruneReport:
         if not self.maps:
             return None
         size = size or max(self.maps, key=lambda hw: hw[0] * hw[1])
+        row = row % next(iter(self.maps.values())).shape[0]
         total = None
         for hw, acc in self.maps.items():
             m = acc[row : row + 1] / self.map_counts[hw]  # (1, L, h, w)

@@ -1,0 +1,57 @@
+"""Every example runs in its smoke mode."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_example(name: str, *args: str, timeout: int = 600) -> str:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / name), *args],
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_tokenprune_one_liner_example_smoke():
+    pytest.importorskip("diffusers")
+    out = run_example("tokenprune_one_liner.py", "--smoke")
+    assert "pruned from call: 1" in out and "pruned:" in out and "FLOPs saved" in out
+
+
+def test_demo_cli_smoke(tmp_path):
+    pytest.importorskip("diffusers")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tokenprune_diffusers", "--tiny", "--steps", "3", "--keep-ratio", "0.5", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env=env,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "stock :" in proc.stdout and "pruned:" in proc.stdout and "PRUNED" in proc.stdout
+    for name in ("stock.png", "pruned.png", "heatmaps.png", "report.json"):
+        assert (tmp_path / name).is_file()
+
+
+def test_demo_cli_refuses_bad_values_naming_them(tmp_path):
+    pytest.importorskip("diffusers")
+    proc = subprocess.run(
+        [sys.executable, "-m", "tokenprune_diffusers", "--tiny", "--size", "30", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert proc.returncode == 2 and "--size must be a positive multiple of 8, got 30" in proc.stderr
+
+
+def test_demo_cli_refuses_bad_pruning_options_before_building(tmp_path):
+    pytest.importorskip("diffusers")
+    proc = subprocess.run(
+        [sys.executable, "-m", "tokenprune_diffusers", "--warmup", "1.5", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert proc.returncode == 2 and "warmup must be a number in [0, 1], got 1.5" in proc.stderr

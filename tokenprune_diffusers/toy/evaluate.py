@@ -1,0 +1,198 @@
+"""Prompt adherence of the toy model, stock and under token pruning, as a markdown table.
+
+    python -m tokenprune_diffusers.toy.evaluate --n 200 --out adherence.md
+
+Prompts are seeded samples of :class:`~tokenprune_diffusers.toy.data.ToyShapesDataset` (1-object
+and 2-object prompts evaluated separately, distractor phrases included); prompt ``i`` is always
+generated from ``torch.Generator().manual_seed(seed + i)``, so every setting sees the same prompts
+and the same initial noise, and only the pruning differs. Images are scored by the analytic
+checker (:mod:`~tokenprune_diffusers.toy.checker`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..patch import apply_token_pruning, remove_token_pruning
+from .checker import ATTRIBUTES, score_images
+from .data import COLORS, POSITIONS, SHAPES, SIZES, ToySample, ToyShapesDataset
+
+__all__ = ["EvalConfig", "DEFAULT_SETTINGS", "evaluation_samples", "generate", "evaluate", "markdown_table", "main"]
+
+# (label, apply_token_pruning options or None for stock)
+DEFAULT_SETTINGS: tuple[tuple[str, dict | None], ...] = (
+    ("stock", None),
+    ("threshold 0.1, warmup 0.2", dict(threshold=0.1, warmup=0.2)),
+    ("threshold 0.1, warmup 0", dict(threshold=0.1, warmup=0.0)),
+    ("threshold 0.3, warmup 0.2", dict(threshold=0.3, warmup=0.2)),
+    ("threshold 0.3, warmup 0", dict(threshold=0.3, warmup=0.0)),
+    ("threshold 0.5, warmup 0.2", dict(threshold=0.5, warmup=0.2)),
+)
+_ATTRIBUTE_WORDS = frozenset([*COLORS, *SHAPES, *SIZES, *POSITIONS])
+
+
+@dataclass
+class EvalConfig:
+    """What to generate and how."""
+
+    n: int = 200  # prompts per object count (1-object and 2-object each)
+    steps: int = 20  # num_inference_steps
+    guidance_scale: float = 4.0  # classifier-free guidance
+    seed: int = 10_000  # prompt set and noise seeds (disjoint from training seeds by default)
+    batch_size: int = 50  # prompts per pipeline call
+
+    def __post_init__(self) -> None:
+        for name in ("n", "steps", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def evaluation_samples(n: int, num_objects: int, seed: int) -> list[ToySample]:
+    """``n`` seeded evaluation prompts (with their ground truth) of ``num_objects`` objects each."""
+    data = ToyShapesDataset(seed=seed + num_objects, num_objects=num_objects)
+    return [data[i] for i in range(n)]
+
+
+def generate(pipe, captions: list[str], config: EvalConfig, on_batch=None) -> list[np.ndarray]:
+    """(32, 32, 3) images in [0, 1]; caption ``i`` uses ``Generator().manual_seed(config.seed + i)``.
+
+    ``on_batch(captions)`` is called after each pipeline call (e.g. to read the pruning report).
+    """
+    images: list[np.ndarray] = []
+    for start in range(0, len(captions), config.batch_size):
+        chunk = captions[start : start + config.batch_size]
+        gens = [torch.Generator().manual_seed(config.seed + start + j) for j in range(len(chunk))]
+        out = pipe(
+            chunk,
+            num_inference_steps=config.steps,
+            guidance_scale=config.guidance_scale,
+            generator=gens,
+            output_type="np",
+        ).images  # (b, 32, 32, 3)
+        images.extend(list(out))
+        if on_batch is not None:
+            on_batch(chunk)
+    return images
+
+
+def _pruned_shares(report, rows: int) -> tuple[int, int, int, int]:
+    """(attribute words pruned, attribute words, other words pruned, other words) over the prompt rows."""
+    ap = at = op = ot = 0
+    offset = report.keep.shape[0] - rows if report.keep is not None else 0  # CFG: negatives first
+    for r in range(offset, offset + rows):
+        words = report.words(r, list(range(report.roles.shape[1]))) if report.roles is not None else []
+        pruned = report.pruned_words(r)
+        for w in words:
+            if w in ("<|startoftext|>", "<|endoftext|>"):
+                continue
+            if w in _ATTRIBUTE_WORDS:
+                at += 1
+            else:
+                ot += 1
+        for w in pruned:
+            if w in _ATTRIBUTE_WORDS:
+                ap += 1
+            elif w not in ("<|startoftext|>", "<|endoftext|>"):
+                op += 1
+    return ap, at, op, ot
+
+
+def evaluate(pipe, config: EvalConfig, settings=DEFAULT_SETTINGS, progress: bool = True) -> list[dict]:
+    """One row per (setting, object count): checker scores, FLOPs saved, words pruned, seconds."""
+    from tqdm.auto import tqdm
+
+    rows = []
+    work = [(label, opts, k) for label, opts in settings for k in (1, 2)]
+    for label, opts, k in tqdm(work, disable=not progress, desc="settings"):
+        samples = evaluation_samples(config.n, k, config.seed)
+        captions = [s.caption for s in samples]
+        stats = dict(flops=[], ap=0, at=0, op=0, ot=0)
+        remove_token_pruning(pipe)
+        proc = None
+        if opts is not None:
+            proc = apply_token_pruning(pipe, record_maps=False, **opts)
+
+        def on_batch(chunk, proc=proc, stats=stats):
+            if proc is None or proc.report is None:
+                return
+            stats["flops"].append(proc.report.flops_saved)
+            ap, at, op, ot = _pruned_shares(proc.report, len(chunk))
+            stats["ap"] += ap
+            stats["at"] += at
+            stats["op"] += op
+            stats["ot"] += ot
+
+        start = time.perf_counter()
+        images = generate(pipe, captions, config, on_batch=on_batch)
+        seconds = time.perf_counter() - start
+        remove_token_pruning(pipe)
+        scores = score_images(images, [s.objects for s in samples])
+        rows.append(
+            dict(
+                setting=label,
+                objects=k,
+                **scores,
+                flops_saved=float(np.mean(stats["flops"])) if stats["flops"] else 0.0,
+                attribute_pruned=stats["ap"] / stats["at"] if stats["at"] else 0.0,
+                other_pruned=stats["op"] / stats["ot"] if stats["ot"] else 0.0,
+                seconds=seconds,
+            )
+        )
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The evaluation rows as a GitHub markdown table (percentages)."""
+    head = ["setting", "objects", "n", "all correct", *ATTRIBUTES, "count", "attribute words pruned",
+            "other words pruned", "x-attn FLOPs saved"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["setting"], str(r["objects"]), str(r["n"]), f"**{100 * r['all']:.1f}**"]
+        cells += [f"{100 * r[a]:.1f}" for a in ATTRIBUTES]
+        cells += [f"{100 * r['count']:.1f}", f"{100 * r['attribute_pruned']:.1f}", f"{100 * r['other_pruned']:.1f}",
+                  f"{100 * r['flops_saved']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=EvalConfig.n, help="prompts per object count")
+    parser.add_argument("--steps", type=int, default=EvalConfig.steps, help="num_inference_steps")
+    parser.add_argument("--guidance-scale", type=float, default=EvalConfig.guidance_scale)
+    parser.add_argument("--seed", type=int, default=EvalConfig.seed)
+    parser.add_argument("--weights", default=None, help="exported weights folder (default: the package's)")
+    parser.add_argument("--checkpoint", default=None, help="evaluate a training run folder's EMA weights instead")
+    parser.add_argument("--stock-only", action="store_true", help="only the stock row")
+    parser.add_argument("--out", default=None, help="write the markdown table here")
+    args = parser.parse_args(argv)
+    config = EvalConfig(n=args.n, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed)
+    if args.checkpoint:
+        from .train import pipeline_from_checkpoint
+
+        pipe = pipeline_from_checkpoint(args.checkpoint)
+    else:
+        from .model import load_toy_pipeline
+
+        pipe = load_toy_pipeline(args.weights)
+    settings = DEFAULT_SETTINGS[:1] if args.stock_only else DEFAULT_SETTINGS
+    start = time.perf_counter()
+    table = markdown_table(evaluate(pipe, config, settings=settings))
+    header = (
+        f"n={config.n} prompts per object count, {config.steps} DPM-Solver++ steps, guidance "
+        f"{config.guidance_scale}, seed {config.seed}; {time.perf_counter() - start:.0f} s\n\n"
+    )
+    print(header + table)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(header + table)
+
+
+if __name__ == "__main__":
+    main()
