@@ -19,10 +19,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m tokenprune_diffusers --keep-ratio 0.5 --out outputs/demo
 
-## lint + the whole test suite (2 CPU cores, no network, no weights)
+## lint + the whole test suite + the benchmarks at a tiny budget (2 CPU cores, no network, no weights)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q tests benchmarks --benchmark-smoke
 
 ## reproduce the published tables (long); see benchmarks/README.md
 bench: $(STAMP)

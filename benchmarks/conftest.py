@@ -47,6 +47,9 @@ def data_root(request: pytest.FixtureRequest) -> Path:
 
 
 @pytest.fixture(scope="session")
-def results_dir() -> Path:
+def results_dir(budget: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """benchmarks/results/ at the full budget; a temporary folder in smoke mode (never overwrite real results)."""
+    if budget == "smoke":
+        return tmp_path_factory.mktemp("results")
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     return RESULTS_DIR

@@ -12,6 +12,7 @@ or, keeping the processors already installed and the pipeline's tokenizer for re
 """
 
 from .config import TokenPruneConfig
+from .guidance import CollapseGuidance
 from .patch import apply_token_pruning, get_token_pruning, remove_token_pruning
 from .processor import TokenPruneProcessor
 from .report import PruneReport, StepRecord
@@ -20,6 +21,7 @@ from .tokenizer import load_clip_tokenizer
 __all__ = [
     "TokenPruneProcessor",
     "TokenPruneConfig",
+    "CollapseGuidance",
     "apply_token_pruning",
     "remove_token_pruning",
     "get_token_pruning",

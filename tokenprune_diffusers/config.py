@@ -33,6 +33,9 @@ class TokenPruneConfig:
     warmup: float = 0.2  # share of the generation's UNet calls that keep every token (and are scored)
     keep_ratio: float | None = None  # instead of threshold: keep this share of candidates, best first
     top_k: int | None = None  # instead of threshold: keep the k best candidates
+    # --- speed beyond pruning ---
+    reuse_kv: bool = True  # project the (pruned) prompt to K/V once per layer and generation: exact
+    gate: float | None = None  # from this share of the UNet calls on, reuse each layer's cached cross-attention output (T-GATE)
     # --- args to tinker with ---
     min_tokens: int = 1  # floor: at least this many words stay per prompt (best first), whatever the rule
     padding: str = "score"  # positions after end-of-text: "score" like words, always "keep", or always "drop"
@@ -48,6 +51,10 @@ class TokenPruneConfig:
         if self.threshold is not None:
             _check_unit("threshold", self.threshold)
         _check_unit("warmup", self.warmup)
+        if self.gate is not None:
+            _check_unit("gate", self.gate)
+        if not isinstance(self.reuse_kv, bool):
+            raise ValueError(f"reuse_kv must be True or False, got {self.reuse_kv!r}")
         if self.keep_ratio is not None:
             _check_unit("keep_ratio", self.keep_ratio)
         if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0):
@@ -73,6 +80,17 @@ class TokenPruneConfig:
         if self.top_k is not None:
             return "top_k"
         return "threshold"
+
+    def gate_start(self, num_calls: int) -> int | None:
+        """Index of the first gated UNet call (cross-attention output reused), or None.
+
+        Calls before it compute cross-attention; the last of them fills the cache. At least one call
+        is always computed.
+        """
+        if self.gate is None:
+            return None
+        start = min(max(math.ceil(self.gate * num_calls - 1e-9), 1), num_calls)
+        return None if start >= num_calls else start
 
     def prune_start(self, num_calls: int) -> int:
         """Index of the first pruned UNet call of a generation of ``num_calls`` calls.

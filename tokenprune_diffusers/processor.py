@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,6 +34,16 @@ class _Plan:
     score: bool = False  # compute attention probabilities and add them to the scores
     index: torch.Tensor | None = None  # (B, K) kept positions, or None: keep all
     valid: torch.Tensor | None = None  # (B, K) False on padded slots, or None
+    fill: bool = False  # last computed call before the gate: keep each layer's output
+    gated: bool = False  # return each layer's kept output instead of computing cross-attention
+
+    def rows(self, batch: int) -> _Plan:
+        """The plan for a batch of ``batch`` rows: after guidance collapse only the last (conditional)
+        rows remain."""
+        if self.index is None or self.index.shape[0] == batch:
+            return self
+        valid = None if self.valid is None else self.valid[-batch:]
+        return _Plan(self.score, self.index[-batch:], valid, self.fill, self.gated)
 
 
 @dataclass
@@ -46,6 +56,9 @@ class _Generation:
     shape: tuple[int, int]  # (B, L) of the prompt batch
     latent_hw: tuple[int, int] | None
     report: PruneReport
+    gate_start: int | None = None  # first gated call, None: never gated
+    kv: dict = field(default_factory=dict)  # layer id -> (text, index, key, value): projected prompt
+    out: dict = field(default_factory=dict)  # layer id -> cross-attention output kept for the gated calls
     manual: bool = False  # started by begin_generation() / num_steps rather than by a pipeline
     call: int = 0  # index of the current UNet call
     plan: _Plan | None = None
@@ -84,6 +97,13 @@ class TokenPruneProcessor:
         padding ("score" | "keep" | "drop", default "score"): positions after end-of-text are
             candidates like words ("score"), never pruned ("keep") or always pruned ("drop").
         num_steps (int): UNet calls per generation for hand-written loops (pipelines report it).
+        reuse_kv (bool, default True): project the prompt to keys and values once per layer and
+            generation (the text does not change during a generation); exact.
+        gate (float in [0, 1]): from this share of the UNet calls on, skip cross-attention and reuse
+            each layer's output of the last computed call (T-GATE, arXiv 2404.02747); approximate.
+            With :class:`~tokenprune_diffusers.CollapseGuidance` as the pipeline's
+            ``callback_on_step_end``, the gated calls run one batch instead of two: the kept outputs
+            of each prompt's negative and positive rows are averaged, as T-GATE does.
         score_chunk (int): elements of one probability chunk while scoring (peak memory).
         record_maps (bool, default True): keep per-token spatial maps of the scored calls.
 
@@ -102,6 +122,8 @@ class TokenPruneProcessor:
         min_tokens: int = 1,
         padding: str = "score",
         num_steps: int | None = None,
+        reuse_kv: bool = True,
+        gate: float | None = None,
         score_chunk: int = 1 << 22,
         record_maps: bool = True,
     ) -> None:
@@ -113,6 +135,8 @@ class TokenPruneProcessor:
             min_tokens=min_tokens,
             padding=padding,
             num_steps=num_steps,
+            reuse_kv=reuse_kv,
+            gate=gate,
             score_chunk=score_chunk,
             record_maps=record_maps,
         )
@@ -189,7 +213,11 @@ class TokenPruneProcessor:
         **kwargs: Any,
     ) -> torch.Tensor:
         text = encoder_hidden_states[0] if isinstance(encoder_hidden_states, tuple) else encoder_hidden_states
-        plan = self._plan(attn, text)
+        plan = self._plan(attn, text).rows(text.shape[0])
+        if plan.gated:  # --- gating: cross-attention has converged; reuse its output
+            n_query = hidden_states.shape[-2] * hidden_states.shape[-1] if hidden_states.ndim == 4 else hidden_states.shape[1]
+            self._count(attn, text.shape[0], n_query, text.shape[1], 0, computed=False)
+            return self._kept_output(attn, text.shape[0])
         if type(inner) not in _STOCK:  # subclasses may change the maths: delegate to them
             return self._delegate(inner, plan, attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
 
@@ -219,31 +247,41 @@ class TokenPruneProcessor:
 
         # --- pruning: drop the pruned tokens before the K/V projections (the work saved)
         if plan.index is not None:
-            encoder_hidden_states = gather_rows(encoder_hidden_states, plan.index)  # (B, K, D)
             attention_mask = gather_mask(attention_mask, plan.index, plan.valid, ndim=4)  # (B, H|1, 1|N, K)
             if attention_mask is not None:
                 attention_mask = attention_mask.to(query.dtype)
 
-        key = attn.to_k(encoder_hidden_states)  # (B, K, C)
-        value = attn.to_v(encoder_hidden_states)  # (B, K, C)
+        # --- reuse: the prompt does not change during a generation; project it once per layer
+        kv = self._reused_kv(attn, text, plan)
+        if kv is None:
+            if plan.index is not None:
+                encoder_hidden_states = gather_rows(encoder_hidden_states, plan.index)  # (B, K, D)
 
-        inner_dim = key.shape[-1]
-        head_dim = inner_dim // attn.heads
+            key = attn.to_k(encoder_hidden_states)  # (B, K, C)
+            value = attn.to_v(encoder_hidden_states)  # (B, K, C)
+
+            head_dim = key.shape[-1] // attn.heads
+
+            key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (B, H, K, d)
+            value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (B, H, K, d)
+
+            if attn.norm_k is not None:
+                key = attn.norm_k(key)
+            self._keep_kv(attn, text, plan, key, value)
+        else:
+            key, value = kv
+
+        head_dim = key.shape[-1]
 
         query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (B, H, N, d)
 
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (B, H, K, d)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (B, H, K, d)
-
         if attn.norm_q is not None:
             query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
 
         # --- scoring (warm-up calls only): the probabilities the fused kernel never materialises
         if plan.score:
             self._accumulate(query, key, attention_mask)
-        self._count(attn, batch_size, query.shape[2], sequence_length, key.shape[-2], plan.score)
+        self._count(attn, batch_size, query.shape[2], sequence_length, key.shape[-2], scored=plan.score, kv_reused=kv is not None)
 
         # the output of sdp = (batch, num_heads, seq_len, head_dim)
         hidden_states = F.scaled_dot_product_attention(
@@ -266,6 +304,8 @@ class TokenPruneProcessor:
 
         hidden_states = hidden_states / attn.rescale_output_factor
 
+        if plan.fill:
+            self._gen.out[id(attn)] = hidden_states
         return hidden_states
 
     def _delegate(self, inner, plan, attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs):
@@ -283,9 +323,42 @@ class TokenPruneProcessor:
             if attention_mask is not None:
                 attention_mask = attention_mask.to(hidden_states.dtype)
         n_query = hidden_states.shape[-2] * hidden_states.shape[-1] if hidden_states.ndim == 4 else hidden_states.shape[1]
-        self._count(attn, text.shape[0], n_query, length, text.shape[1], plan.score)
+        self._count(attn, text.shape[0], n_query, length, text.shape[1], scored=plan.score)
         states = (text, *extra) if extra is not None else text
-        return inner(attn, hidden_states, states, attention_mask, temb, **kwargs)
+        out = inner(attn, hidden_states, states, attention_mask, temb, **kwargs)
+        if plan.fill:
+            self._gen.out[id(attn)] = out
+        return out
+
+    # ------------------------------------------------------------------ caches
+    def _reused_kv(self, attn: Attention, text: torch.Tensor, plan: _Plan):
+        """(key, value) projected on an earlier call of this generation from the same prompt
+        tensor with the same kept tokens, or None."""
+        if not self.config.reuse_kv:
+            return None
+        hit = self._gen.kv.get(id(attn))
+        if hit is None:
+            return None
+        src, version, index, key, value = hit
+        if src is text and version == _version(text) and index is plan.index:
+            return key, value
+        return None
+
+    def _keep_kv(self, attn: Attention, text: torch.Tensor, plan: _Plan, key: torch.Tensor, value: torch.Tensor) -> None:
+        if self.config.reuse_kv:
+            self._gen.kv[id(attn)] = (text, _version(text), plan.index, key, value)
+
+    def _kept_output(self, attn: Attention, batch: int) -> torch.Tensor:
+        """The layer's output kept at the last computed call; after guidance collapse (half the
+        rows), the mean of each prompt's negative and positive rows (T-GATE)."""
+        out = self._gen.out[id(attn)]  # (2B or B, ...)
+        if out.shape[0] == batch:
+            return out
+        if out.shape[0] != 2 * batch:
+            raise RuntimeError(f"gated call with {batch} rows, but {out.shape[0]} rows were kept")
+        mean = (out[:batch] + out[batch:]) / 2  # (B, ...)
+        self._gen.out[id(attn)] = mean
+        return mean
 
     # ------------------------------------------------------------------ bookkeeping
     def _plan(self, attn: Attention, text: torch.Tensor) -> _Plan:
@@ -307,7 +380,7 @@ class TokenPruneProcessor:
             self._pending = None
             self._start(None, num, shape, ids, text.device, manual=True)
         elif ctx is not None and ctx.num_calls is not None:  # inside a pipeline call
-            if gen is None or gen.key is not ctx.key or gen.shape != shape:
+            if gen is None or gen.key is not ctx.key or gen.shape[1] != shape[1]:
                 self._start_from_pipeline(ctx, shape, text.device)
             else:
                 gen.call += 1
@@ -357,8 +430,10 @@ class TokenPruneProcessor:
                 )
             roles, tokens, token_ids = unknown_roles(B, L, device), None, None
         prune_start = self.config.prune_start(num_calls) if num_calls is not None else None
-        if prune_start is not None and prune_start >= num_calls:
-            prune_start = None  # warm-up covers the whole generation: nothing to score or prune
+        gate_start = self.config.gate_start(num_calls) if num_calls is not None else None
+        last = num_calls if gate_start is None else gate_start  # calls after it never compute cross-attention
+        if prune_start is not None and prune_start >= last:
+            prune_start = None  # the warm-up covers every computed call: nothing to score or prune
         report = PruneReport(
             num_calls=num_calls,
             prune_start=prune_start,
@@ -370,7 +445,14 @@ class TokenPruneProcessor:
         )
         self.report = report
         self._gen = _Generation(
-            key=key, num_calls=num_calls, prune_start=prune_start, shape=shape, latent_hw=latent_hw, report=report, manual=manual
+            key=key,
+            num_calls=num_calls,
+            prune_start=prune_start,
+            gate_start=gate_start,
+            shape=shape,
+            latent_hw=latent_hw,
+            report=report,
+            manual=manual,
         )
 
     def _prepare_call(self) -> None:
@@ -390,8 +472,15 @@ class TokenPruneProcessor:
             else:
                 index, valid = kept_index(rep.keep)
                 gen.plan = _Plan(index=index, valid=valid)
-        counts = None if gen.plan.index is None else gen.report.keep.sum(1).tolist()
-        gen.report.steps.append(StepRecord(call=gen.call, pruned=gen.plan.index is not None, scored=gen.plan.score, kept_counts=counts))
+        gate = gen.gate_start
+        plan = gen.plan
+        if gate is not None and (gen.call == gate - 1 or gen.call >= gate):
+            plan = _Plan(plan.score, plan.index, plan.valid, fill=gen.call == gate - 1, gated=gen.call >= gate)
+        gen.plan = plan
+        counts = None if plan.index is None or plan.gated else gen.report.keep.sum(1).tolist()
+        gen.report.steps.append(
+            StepRecord(call=gen.call, pruned=counts is not None, scored=plan.score, gated=plan.gated, kept_counts=counts)
+        )
 
     def _accumulate(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> None:
         rep, gen = self._gen.report, self._gen
@@ -404,7 +493,10 @@ class TokenPruneProcessor:
             rep.maps[hw] = rep.maps[hw] + m if hw in rep.maps else m.clone()
             rep.map_counts[hw] = rep.map_counts.get(hw, 0) + query.shape[1]
 
-    def _count(self, attn: Attention, batch: int, queries: int, full_len: int, kept_len: int, scored: bool) -> None:
+    def _count(
+        self, attn: Attention, batch: int, queries: int, full_len: int, kept_len: int,
+        *, scored: bool = False, kv_reused: bool = False, computed: bool = True,
+    ) -> None:
         """Add this layer's cross-attention FLOPs (with every token, and as computed) to the call's record."""
         query_dim = getattr(attn.to_q, "in_features", attn.inner_dim)
         dims = dict(query_dim=query_dim, cross_dim=attn.cross_attention_dim, inner=attn.inner_dim, out_dim=attn.out_dim)
@@ -412,13 +504,20 @@ class TokenPruneProcessor:
         done = cross_attention_flops(batch, queries, kept_len, **dims)
         step = self._gen.report.steps[-1]
         step.flops_full += sum(full.values())
-        step.flops_done += sum(done.values()) + (full["scores"] if scored else 0.0)
+        if computed:
+            reused = done["kv_proj"] if kv_reused else 0.0
+            step.flops_done += sum(done.values()) - reused + (full["scores"] if scored else 0.0)
         step.layers += 1
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, UserWarning, stacklevel=4)
+
+
+def _version(t: torch.Tensor) -> int:
+    """In-place modification counter (inference tensors cannot be modified in place: 0)."""
+    return 0 if t.is_inference() else t._version
 
 
 def _map_shape(n: int, latent_hw: tuple[int, int] | None) -> tuple[int, int] | None:

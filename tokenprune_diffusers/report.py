@@ -30,6 +30,7 @@ class StepRecord:
     call: int  # index of the UNet call in the generation
     pruned: bool  # were tokens removed on this call
     scored: bool  # were attention probabilities computed on this call
+    gated: bool = False  # was cross-attention skipped (outputs of an earlier call reused)
     kept_counts: list[int] | None = None  # kept tokens per batch row (None: all kept)
     flops_full: float = 0.0  # cross-attention FLOPs with every token, no scoring
     flops_done: float = 0.0  # cross-attention FLOPs actually computed (scoring included)
@@ -134,10 +135,11 @@ class PruneReport:
                         lines.append(f"    padding: {kept_pad}/{int(pad.sum())} positions kept")
             if rows > max_rows:
                 lines.append(f"    ... {rows - max_rows} more rows")
-        lines.append("call  scored  pruned  kept tokens per row")
+        lines.append("call  scored  pruned   gated  kept tokens per row")
         for s in self.steps:
-            kept = "all" if s.kept_counts is None else ",".join(map(str, s.kept_counts))
-            lines.append(f"{s.call:4d}  {'yes' if s.scored else 'no':>6s}  {'yes' if s.pruned else 'no':>6s}  {kept}")
+            kept = "-" if s.gated else "all" if s.kept_counts is None else ",".join(map(str, s.kept_counts))
+            flags = "  ".join(f"{'yes' if f else 'no':>6s}" for f in (s.scored, s.pruned, s.gated))
+            lines.append(f"{s.call:4d}  {flags}  {kept}")
         lines.append(f"cross-attention FLOPs saved: {100 * self.flops_saved:.1f}% (scoring overhead counted)")
         return "\n".join(lines)
 

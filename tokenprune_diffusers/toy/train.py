@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from .data import ToyShapesDataset, collate
 from .model import ToyModelConfig, assemble_pipeline, build_models, data_token_ids, save_weights
 
-__all__ = ["TrainConfig", "train", "load_checkpoint", "export_checkpoint", "main"]
+__all__ = ["TrainConfig", "train", "load_checkpoint", "export_checkpoint", "pipeline_from_checkpoint", "main"]
 
 CHECKPOINT = "checkpoint.pt"
 

@@ -1,0 +1,62 @@
+"""Guidance collapse: once cross-attention is gated, run one batch instead of two.
+
+After the gate (``TokenPruneProcessor(gate=...)``) the text reaches the UNet only through the
+cross-attention outputs kept from the last computed call. If each prompt's negative and positive
+rows share one kept output (their mean, as T-GATE does), the two classifier-free-guidance branches
+compute the same thing, so the pipeline can run the positive rows alone: half the UNet work for
+every remaining step. This callback tells the pipeline to do so, through diffusers' own
+``callback_on_step_end`` mechanism (as ``diffusers.callbacks.SDCFGCutoffCallback`` does).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from diffusers.callbacks import PipelineCallback
+
+from .processor import TokenPruneProcessor
+
+__all__ = ["CollapseGuidance"]
+
+_BATCHED = ("prompt_embeds", "add_text_embeds", "add_time_ids")  # per-row tensors of SD / SDXL pipelines
+
+
+class CollapseGuidance(PipelineCallback):
+    """``callback_on_step_end`` that drops classifier-free guidance from the processor's gate on.
+
+    Example:
+        >>> proc = apply_token_pruning(pipe, threshold=0.1, warmup=0.2, gate=0.4)
+        >>> image = pipe(prompt, callback_on_step_end=CollapseGuidance(proc, pipe)).images[0]
+
+    Args:
+        processor: the installed :class:`TokenPruneProcessor`, configured with ``gate``.
+        pipeline: the pipeline it will be passed to (to choose its per-row tensors).
+    """
+
+    def __init__(self, processor: TokenPruneProcessor, pipeline: Any) -> None:
+        super().__init__(cutoff_step_ratio=1.0)
+        if not isinstance(processor, TokenPruneProcessor):
+            raise TypeError(f"expected a TokenPruneProcessor, got {type(processor).__name__}")
+        if processor.config.gate is None:
+            raise ValueError("CollapseGuidance needs a processor with a gate (TokenPruneProcessor(gate=...)), got gate=None")
+        available = getattr(pipeline, "_callback_tensor_inputs", [])
+        self.processor = processor
+        self._inputs = [name for name in _BATCHED if name in available]
+        if "prompt_embeds" not in self._inputs:
+            raise ValueError(f"{type(pipeline).__name__} does not pass prompt_embeds to step callbacks")
+
+    @property
+    def tensor_inputs(self) -> list[str]:
+        return self._inputs
+
+    def callback_fn(self, pipeline, step_index: int, timestep, callback_kwargs: dict) -> dict:
+        gen = self.processor._gen
+        if gen is None or gen.gate_start is None or gen.call + 1 != gen.gate_start:
+            return callback_kwargs
+        if not getattr(pipeline, "do_classifier_free_guidance", False):
+            return callback_kwargs
+        for name in self._inputs:
+            rows = callback_kwargs[name]
+            callback_kwargs[name] = rows.chunk(2)[1]  # the positive rows (negatives come first)
+        pipeline._guidance_scale = 0.0
+        return callback_kwargs

@@ -1,0 +1,1 @@
+"""Trained toy-model weights (safetensors + config.json); a package so that they install with it."""
