@@ -1,4 +1,4 @@
-"""Token-pruning speed / memory / fidelity benchmark (support module of test_tokenprune_speed.py).
+"""Token-pruning speed / memory / fidelity benchmark (support module of test_bench_tokenprune.py).
 
 Runs every configuration on the same pipeline, seed and prompts, interleaved (the order rotates at
 each repeat), and reports medians; peak memory is measured on the GPU with

@@ -1,8 +1,8 @@
 """Token pruning, measured: speed, peak memory, the ceiling, fidelity; the blog's table beside ours.
 
-    pytest benchmarks/test_tokenprune_speed.py --benchmark -s        # CPU: SD-1.5 architecture at 256 and 512 px
-    pytest benchmarks/test_tokenprune_speed.py --benchmark-smoke -s  # tiny pipeline, 2 steps (CI)
-    pytest benchmarks/test_tokenprune_speed.py --benchmark --model runwayml/stable-diffusion-v1-5   # real weights
+    pytest benchmarks/test_bench_tokenprune.py --benchmark -s        # CPU: SD-1.5 architecture at 256 and 512 px
+    pytest benchmarks/test_bench_tokenprune.py --benchmark-smoke -s  # tiny pipeline, 2 steps (CI)
+    pytest benchmarks/test_bench_tokenprune.py --benchmark --model runwayml/stable-diffusion-v1-5   # real weights
 
 On a GPU the full budget runs SD-1.5 at 512 px in fp16. Results: benchmarks/results/tokenprune_speed_*.md/json.
 """
