@@ -68,7 +68,9 @@ def build(model: str, device: str, dtype: torch.dtype, seed: int = 0):
 
         pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=dtype, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device=device, dtype=dtype)
+    if device != "cpu":
+        pipe = pipe.to(device)
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
 
 
 def install(pipe, cfg: Config, originals):
@@ -126,7 +128,8 @@ def cross_attention_share(pipe, prompt: str, steps: int, size: int, seed: int, o
         h, e = args[0], kwargs.get("encoder_hidden_states")
         if e is not None:
             n = h.shape[1] if h.ndim == 3 else h.shape[-1] * h.shape[-2]
-            f = cross_attention_flops(h.shape[0], n, e.shape[1], m.to_q.in_features, m.cross_attention_dim, m.inner_dim, m.out_dim)
+            f = cross_attention_flops(h.shape[0], n, e.shape[1], getattr(m.to_q, "in_features", m.inner_dim),
+                                      m.cross_attention_dim, m.inner_dim, m.out_dim)
             flops["dep"] += f["kv_proj"] + f["scores"] + f["weighting"]
             flops["all"] += sum(f.values())
 
@@ -195,22 +198,25 @@ def run(model: str, size: int, steps: int, repeats: int, n_prompts: int, seed: i
                 row.flops_saved.append(rep.flops_saved if rep is not None else 0.0)
     if memory:
         for cfg in configs:
-            rows[cfg.name].peak_mb = peak_memory(model, cfg, prompts[0], steps, size, seed, device, dtype)
+            if device.startswith("cuda"):
+                if cfg.tgate:
+                    from tgate import TgateSDLoader
+
+                    TgateSDLoader(pipe)
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                denoise(pipe, cfg, prompts[0], steps, size, seed, originals)
+                rows[cfg.name].peak_mb = torch.cuda.max_memory_allocated() / 2**20
+            else:
+                rows[cfg.name].peak_mb = peak_memory(model, cfg, prompts[0], steps, size, seed, device, dtype)
     return summarise(rows, ceiling, dict(model=model, size=size, steps=steps, repeats=repeats, prompts=len(prompts),
                                          seed=seed, device=device, dtype=str(dtype).replace("torch.", "")))
 
 
 def peak_memory(model, cfg, prompt, steps, size, seed, device, dtype) -> float:
     """Peak memory (MB) of one generation of this configuration, isolated."""
-    if device.startswith("cuda"):
-        pipe = build(model, device, dtype, seed)
-        originals = pipe.unet.attn_processors
-        torch.cuda.reset_peak_memory_stats()
-        denoise(pipe, cfg, prompt, steps, size, seed, originals)
-        peak = torch.cuda.max_memory_allocated() / 2**20
-        del pipe
-        torch.cuda.empty_cache()
-        return peak
+    if device.startswith("cuda"):  # one pipeline in memory: the run()'s (weights counted, the same for all rows)
+        raise RuntimeError("on CUDA, peak memory is measured inside run()")
     idx = (CONFIGS + [TGATE]).index(cfg)
     cmd = [sys.executable, str(Path(__file__)), "--child", str(idx), "--model", model, "--size", str(size),
            "--steps", str(steps), "--seed", str(seed), "--prompt", prompt]

@@ -17,8 +17,9 @@ class TokenPruneConfig:
     """How, when and what to prune. Every field is checked here, not inside a denoising step.
 
     Scores. A prompt token's raw score is the cross-attention probability mass it receives,
-    averaged over heads, image positions, cross-attention layers and the scored UNet calls (the
-    warm-up). Raw scores sum to 1 over the 77 positions and the start token takes most of it, so the
+    averaged over heads and image positions and summed over cross-attention layers and the scored
+    UNet calls (the warm-up). Per layer the mass sums to 1 over the 77 positions and the start token
+    takes most of it, so the
     rules below use the *normalised* score: raw score divided by the largest raw score among the
     prompt's words (the tokens between start and end-of-text). A word scoring 1.0 is the most
     looked-at word of its prompt; ``threshold=0.1`` drops the words receiving less than a tenth

@@ -90,12 +90,16 @@ def _row_prompts(pipe: Any, local: dict) -> list[str] | None:
     if prompts is None:
         return None  # prompt_embeds were given: no text to re-tokenise
     nipp = local.get("num_images_per_prompt") or 1
+    cfg = getattr(pipe, "do_classifier_free_guidance", False)
+    # (negative_prompt_embeds given without negative_prompt cannot be told apart here from the default
+    # empty negative prompt: those rows are laid out as "" would be; with padding="score" their
+    # tokens are still scored, only their end-of-text is not protected)
     negative = local.get("negative_prompt")
     negatives = [""] * len(prompts) if negative is None else _as_list(negative, len(prompts))
     if negatives is None or len(negatives) != len(prompts):
         return None
     cond = [p for p in prompts for _ in range(nipp)]
-    if getattr(pipe, "do_classifier_free_guidance", False):
+    if cfg:
         return [q for q in negatives for _ in range(nipp)] + cond
     return cond
 

@@ -39,6 +39,14 @@ class CollapseGuidance(PipelineCallback):
             raise TypeError(f"expected a TokenPruneProcessor, got {type(processor).__name__}")
         if processor.config.gate is None:
             raise ValueError("CollapseGuidance needs a processor with a gate (TokenPruneProcessor(gate=...)), got gate=None")
+        unet, vae = getattr(pipeline, "unet", None), getattr(pipeline, "vae", None)
+        if getattr(pipeline, "controlnet", None) is not None or (
+            unet is not None and vae is not None and unet.config.in_channels != vae.config.latent_channels
+        ):
+            raise ValueError(
+                f"CollapseGuidance supports text-to-image and image-to-image SD / SDXL pipelines; {type(pipeline).__name__} "
+                "keeps other doubled inputs (control images, inpainting masks) that it cannot halve"
+            )
         available = getattr(pipeline, "_callback_tensor_inputs", [])
         self.processor = processor
         self._inputs = [name for name in _BATCHED if name in available]
@@ -57,6 +65,7 @@ class CollapseGuidance(PipelineCallback):
             return callback_kwargs
         for name in self._inputs:
             rows = callback_kwargs[name]
-            callback_kwargs[name] = rows.chunk(2)[1]  # the positive rows (negatives come first)
+            # the positive rows: negatives come first, except SDXL's time ids, repeated as (neg, pos) pairs
+            callback_kwargs[name] = rows[1::2] if name == "add_time_ids" else rows.chunk(2)[1]
         pipeline._guidance_scale = 0.0
         return callback_kwargs

@@ -46,7 +46,7 @@ def render_heatmaps(
     B = report.mass.shape[0]
     row = row % B
     size = image.shape[:2] if image is not None else max(report.maps, key=lambda hw: hw[0] * hw[1])
-    maps = report.token_maps(row)  # (L, h, w)
+    maps = report.token_maps(row).float().cpu()  # (L, h, w)
     maps = F.interpolate(maps[None], size=tuple(size), mode="bilinear", align_corners=False)[0]  # (L, H, W)
     positions = [p for p in range(maps.shape[0]) if report.roles is None or int(report.roles[row, p]) != PADDING]
     if image is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from .processor import TokenPruneProcessor
@@ -49,21 +50,34 @@ def apply_token_pruning(model: Any, processor: TokenPruneProcessor | None = None
         raise TypeError(f"give a processor or its options, not both (got options {sorted(options)})")
     proc = processor if processor is not None else TokenPruneProcessor(**options)
     unet = _unet(model)
+    owner = proc._unet_ref() if proc._unet_ref is not None else None
+    if owner is not None and owner is not unet:
+        raise ValueError("this TokenPruneProcessor already wraps another UNet; give each UNet its own processor")
     installed = get_token_pruning(unet)
     originals = installed.originals if installed is not None and installed.originals is not None else unet.attn_processors
-    proc.wrap(originals, _attention_modules(unet))
+    modules = _attention_modules(unet)
+    # a processor installed by hand remembers nothing: what diffusers would install stands in for it
+    originals = {k: (_default_processor(modules[k]) if isinstance(p, TokenPruneProcessor) else p) for k, p in originals.items()}
+    proc.wrap(originals, modules)
+    proc._unet_ref = weakref.ref(unet)
     if getattr(model, "tokenizer", None) is not None:
         proc.tokenizer = model.tokenizer
     unet.set_attn_processor(proc)
     return proc
 
 
+def _default_processor(attn):
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    return AttnProcessor2_0() if attn.scale_qk else AttnProcessor()
+
+
 def remove_token_pruning(model: Any) -> None:
     """Put back the processors that :func:`apply_token_pruning` replaced (the same objects).
 
     A no-op when token pruning is not installed. A processor installed by hand with
-    ``unet.set_attn_processor(TokenPruneProcessor(...))`` remembers nothing, so the stock
-    ``AttnProcessor2_0`` is installed in its place.
+    ``unet.set_attn_processor(TokenPruneProcessor(...))`` remembers nothing, so what diffusers
+    installs by default (``AttnProcessor2_0``) is put in its place.
     """
     unet = _unet(model)
     installed = get_token_pruning(unet)
@@ -72,6 +86,5 @@ def remove_token_pruning(model: Any) -> None:
     if installed.originals is not None:
         unet.set_attn_processor(dict(installed.originals))
     else:
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        unet.set_attn_processor(AttnProcessor2_0())
+        unet.set_attn_processor({k: _default_processor(m) for k, m in _attention_modules(unet).items()})
+    installed._unet_ref = None

@@ -20,11 +20,20 @@ from diffusers.models.attention_processor import Attention, AttnProcessor, AttnP
 from .config import TokenPruneConfig
 from .context import PipelineCall, find_pipeline_call, token_roles, unknown_roles
 from .report import PruneReport, StepRecord, cross_attention_flops
-from .scoring import attention_mass, gather_mask, gather_rows, kept_index, normalise_scores, select_tokens
+from .scoring import (
+    SPECIAL,
+    additive_mask,
+    attention_mass,
+    gather_mask,
+    gather_rows,
+    kept_index,
+    normalise_scores,
+    select_tokens,
+)
 
 __all__ = ["TokenPruneProcessor"]
 
-_STOCK = (AttnProcessor2_0, AttnProcessor)  # processors whose maths the skeleton below reproduces
+_STOCK = (AttnProcessor2_0,)  # the processor whose maths the skeleton below reproduces
 
 
 @dataclass
@@ -57,6 +66,9 @@ class _Generation:
     latent_hw: tuple[int, int] | None
     report: PruneReport
     gate_start: int | None = None  # first gated call, None: never gated
+    uniform_rows: torch.Tensor | None = None  # (B,) rows whose tokens are all identical (SDXL's zero negative prompt)
+    text_sig: tuple = ()  # identity of the current call's prompt tensor (for K/V reuse)
+    stopped: bool = False  # the pipeline did something unforeseen: compute as stock from here on
     kv: dict = field(default_factory=dict)  # layer id -> (text, index, key, value): projected prompt
     out: dict = field(default_factory=dict)  # layer id -> cross-attention output kept for the gated calls
     manual: bool = False  # started by begin_generation() / num_steps rather than by a pipeline
@@ -144,6 +156,8 @@ class TokenPruneProcessor:
         self.report: PruneReport | None = None  # the running or last generation
         self.originals: dict[str, Any] | None = None  # processors this one replaced (apply_token_pruning)
         self._stock = AttnProcessor2_0()
+        self._classic = AttnProcessor()  # diffusers' choice for layers with scale_qk=False
+        self._unet_ref = None  # the UNet this processor wraps (apply_token_pruning)
         self._inner: weakref.WeakKeyDictionary[Attention, Any] = weakref.WeakKeyDictionary()
         self._gen: _Generation | None = None
         self._seen: set[int] = set()  # cross-attention layers seen in the current UNet call
@@ -194,9 +208,14 @@ class TokenPruneProcessor:
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
+        ip_adapter_masks: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        inner = self._inner.get(attn, self._stock)
+        inner = self._inner.get(attn)
+        if inner is None:  # what diffusers itself installs on such a layer
+            inner = self._stock if attn.scale_qk else self._classic
+        if ip_adapter_masks is not None:  # named so that Attention.forward passes it on
+            kwargs["ip_adapter_masks"] = ip_adapter_masks
         if encoder_hidden_states is None or not attn.is_cross_attention:
             return inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         return self._cross_attention(inner, attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
@@ -236,6 +255,7 @@ class TokenPruneProcessor:
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
             attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])  # (B, H, 1|N, L)
+            attention_mask = additive_mask(attention_mask, hidden_states.dtype)
 
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
@@ -280,7 +300,7 @@ class TokenPruneProcessor:
 
         # --- scoring (warm-up calls only): the probabilities the fused kernel never materialises
         if plan.score:
-            self._accumulate(query, key, attention_mask)
+            self._accumulate(query, key, attention_mask)  # SDPA's default scale, as AttnProcessor2_0
         self._count(attn, batch_size, query.shape[2], sequence_length, key.shape[-2], scored=plan.score, kv_reused=kv is not None)
 
         # the output of sdp = (batch, num_heads, seq_len, head_dim)
@@ -316,9 +336,11 @@ class TokenPruneProcessor:
         length = text.shape[1]
         if plan.score:
             query, key, mask = _scoring_inputs(attn, hidden_states, text, attention_mask, temb)
-            self._accumulate(query, key, mask)
+            self._accumulate(query, key, mask, scale=attn.scale)
         if plan.index is not None:
             text = gather_rows(text, plan.index)  # (B, K, D)
+            if attention_mask is not None:
+                attention_mask = additive_mask(attention_mask, hidden_states.dtype)
             attention_mask = gather_mask(attention_mask, plan.index, plan.valid, ndim=3)  # (B, 1, K)
             if attention_mask is not None:
                 attention_mask = attention_mask.to(hidden_states.dtype)
@@ -336,28 +358,33 @@ class TokenPruneProcessor:
         tensor with the same kept tokens, or None."""
         if not self.config.reuse_kv:
             return None
-        hit = self._gen.kv.get(id(attn))
+        gen = self._gen
+        last = gen.num_calls is not None and gen.call >= gen.num_calls - 1
+        hit = gen.kv.pop(id(attn), None) if last else gen.kv.get(id(attn))  # free the cache on the last call
         if hit is None:
             return None
-        src, version, index, key, value = hit
-        if src is text and version == _version(text) and index is plan.index:
+        src, sig, index, key, value = hit
+        if src is text and sig == gen.text_sig and index is plan.index:
             return key, value
         return None
 
     def _keep_kv(self, attn: Attention, text: torch.Tensor, plan: _Plan, key: torch.Tensor, value: torch.Tensor) -> None:
         if self.config.reuse_kv:
-            self._gen.kv[id(attn)] = (text, _version(text), plan.index, key, value)
+            self._gen.kv[id(attn)] = (text, self._gen.text_sig, plan.index, key, value)
 
     def _kept_output(self, attn: Attention, batch: int) -> torch.Tensor:
         """The layer's output kept at the last computed call; after guidance collapse (half the
         rows), the mean of each prompt's negative and positive rows (T-GATE)."""
-        out = self._gen.out[id(attn)]  # (2B or B, ...)
+        gen = self._gen
+        last = gen.num_calls is not None and gen.call >= gen.num_calls - 1
+        out = gen.out.pop(id(attn)) if last else gen.out[id(attn)]  # (2B or B, ...); freed on the last call
         if out.shape[0] == batch:
             return out
         if out.shape[0] != 2 * batch:
             raise RuntimeError(f"gated call with {batch} rows, but {out.shape[0]} rows were kept")
         mean = (out[:batch] + out[batch:]) / 2  # (B, ...)
-        self._gen.out[id(attn)] = mean
+        if not last:
+            gen.out[id(attn)] = mean
         return mean
 
     # ------------------------------------------------------------------ bookkeeping
@@ -384,6 +411,9 @@ class TokenPruneProcessor:
                 self._start_from_pipeline(ctx, shape, text.device)
             else:
                 gen.call += 1
+                collapsed = gen.gate_start is not None and gen.call >= gen.gate_start and 2 * shape[0] == gen.shape[0]
+                if shape[0] != gen.shape[0] and not collapsed and not gen.stopped:
+                    self._stop(f"the batch changed from {gen.shape[0]} to {shape[0]} rows in the middle of a generation")
         elif gen is not None and gen.manual:  # a hand-written loop: restart every num_calls calls
             if gen.call + 1 >= gen.num_calls or gen.shape != shape:
                 ids = gen.report.token_ids if gen.shape == shape else None
@@ -403,15 +433,30 @@ class TokenPruneProcessor:
                 self._start(None, None, shape, None, text.device)
             else:
                 gen.call += 1
+        gen = self._gen
+        if gen.num_calls is not None and gen.call >= gen.num_calls and not gen.stopped:
+            self._stop(f"the UNet was called more than the {gen.num_calls} times the pipeline announced")
+        if gen.uniform_rows is None:
+            gen.uniform_rows = (text == text[:, :1]).flatten(1).all(dim=1)  # (B,)
+        gen.text_sig = _signature(text)
         self._prepare_call()
 
+    def _stop(self, why: str) -> None:
+        """Compute the rest of this generation as stock (no scoring, pruning or gating), and say why once."""
+        self._gen.stopped = True
+        self._warn_once("stopped", f"TokenPruneProcessor stops pruning and gating for this generation: {why}.")
+
     def _start_from_pipeline(self, ctx: PipelineCall, shape: tuple[int, int], device: torch.device) -> None:
-        tokenizer = getattr(ctx.pipeline, "tokenizer", None) or self.tokenizer
+        pipe = ctx.pipeline
+        tokenizer = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None) or self.tokenizer
         if tokenizer is not None:
             self.tokenizer = tokenizer
         ids = None
         if ctx.prompts is not None and tokenizer is not None and len(ctx.prompts) == shape[0]:
-            ids = tokenizer(ctx.prompts, padding="max_length", max_length=shape[1], truncation=True, return_tensors="pt").input_ids
+            prompts = ctx.prompts
+            if hasattr(pipe, "maybe_convert_prompt"):  # textual inversion tokens, expanded as the pipeline does
+                prompts = pipe.maybe_convert_prompt(prompts, tokenizer)
+            ids = tokenizer(prompts, padding="max_length", max_length=shape[1], truncation=True, return_tensors="pt").input_ids
         self._start(ctx.key, ctx.num_calls, shape, ids, device, prompts=ctx.prompts, latent_hw=ctx.latent_hw)
 
     def _start(self, key, num_calls, shape, token_ids, device, prompts=None, latent_hw=None, manual=False) -> None:
@@ -424,8 +469,9 @@ class TokenPruneProcessor:
             if num_calls is not None:
                 self._warn_once(
                     "roles",
-                    "TokenPruneProcessor does not know the token ids of this batch (prompt_embeds given, "
-                    "or an unusual pipeline), so it cannot tell words from end-of-text and padding: only "
+                    "TokenPruneProcessor does not know the token ids of this batch (prompt_embeds or "
+                    "negative_prompt_embeds given, no tokenizer, or an unusual pipeline), so it cannot tell "
+                    "words from end-of-text and padding: only "
                     "position 0 (the start token) is protected. Pass token_ids to begin_generation().",
                 )
             roles, tokens, token_ids = unknown_roles(B, L, device), None, None
@@ -458,6 +504,10 @@ class TokenPruneProcessor:
     def _prepare_call(self) -> None:
         gen, cfg = self._gen, self.config
         start = gen.prune_start
+        if gen.stopped:
+            gen.plan = _Plan()
+            gen.report.steps.append(StepRecord(call=gen.call, pruned=False, scored=False))
+            return
         if start is None:
             gen.plan = _Plan()
         elif gen.call < start:
@@ -467,6 +517,9 @@ class TokenPruneProcessor:
             rep.scores = normalise_scores(rep.mass, rep.roles)  # (B, L)
             value = {"threshold": cfg.threshold, "keep_ratio": cfg.keep_ratio, "top_k": cfg.top_k}[cfg.rule]
             rep.keep = select_tokens(rep.scores, rep.roles, rule=cfg.rule, value=value, min_tokens=cfg.min_tokens, padding=cfg.padding)
+            # a row of identical tokens (SDXL's all-zero negative prompt) gives the same output from any
+            # subset of them: keeping only its special tokens is exact
+            rep.keep[gen.uniform_rows] = rep.roles[gen.uniform_rows] == SPECIAL
             if bool(rep.keep.all()):
                 gen.plan = _Plan()
             else:
@@ -482,10 +535,10 @@ class TokenPruneProcessor:
             StepRecord(call=gen.call, pruned=counts is not None, scored=plan.score, gated=plan.gated, kept_counts=counts)
         )
 
-    def _accumulate(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> None:
+    def _accumulate(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scale: float | None = None) -> None:
         rep, gen = self._gen.report, self._gen
         hw = _map_shape(query.shape[2], gen.latent_hw) if self.config.record_maps else None
-        mass, per_pos = attention_mass(query, key, mask, self.config.score_chunk, with_positions=hw is not None)
+        mass, per_pos = attention_mass(query, key, mask, self.config.score_chunk, with_positions=hw is not None, scale=scale)
         rep.mass += mass
         rep.scored_layers += 1
         if per_pos is not None:
@@ -515,9 +568,11 @@ class TokenPruneProcessor:
             warnings.warn(message, UserWarning, stacklevel=4)
 
 
-def _version(t: torch.Tensor) -> int:
-    """In-place modification counter (inference tensors cannot be modified in place: 0)."""
-    return 0 if t.is_inference() else t._version
+def _signature(t: torch.Tensor) -> tuple:
+    """Identity of a prompt tensor's contents: storage, shape and in-place version counter (inference
+    tensors keep no counter: a checksum of their values instead)."""
+    changes = float(t.float().sum()) if t.is_inference() else t._version
+    return (t.data_ptr(), tuple(t.shape), changes)
 
 
 def _map_shape(n: int, latent_hw: tuple[int, int] | None) -> tuple[int, int] | None:
@@ -542,7 +597,7 @@ def _scoring_inputs(attn, hidden_states, text, attention_mask, temb):
     B, L = text.shape[:2]
     if attention_mask is not None:
         attention_mask = attn.prepare_attention_mask(attention_mask, L, B)
-        attention_mask = attention_mask.view(B, attn.heads, -1, attention_mask.shape[-1])  # (B, H, 1|N, L)
+        attention_mask = additive_mask(attention_mask.view(B, attn.heads, -1, attention_mask.shape[-1]), hidden_states.dtype)
     if attn.group_norm is not None:
         hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
     if attn.norm_cross:

@@ -115,7 +115,8 @@ class PruneReport:
         lines = []
         n = self.num_calls if self.num_calls is not None else "?"
         start = self.prune_start if self.prune_start is not None else "never"
-        lines.append(f"UNet calls: {n}; scored calls: 0..{(self.prune_start or 0) - 1}; pruned from call: {start}")
+        scored = f"0..{self.prune_start - 1}" if self.prune_start else "none"
+        lines.append(f"UNet calls: {n}; scored calls: {scored}; pruned from call: {start}")
         if self.keep is not None and self.scores is not None:
             rows = self.keep.shape[0]
             for r in range(min(rows, max_rows)):

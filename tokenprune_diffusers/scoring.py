@@ -21,6 +21,7 @@ __all__ = [
     "kept_index",
     "gather_rows",
     "gather_mask",
+    "additive_mask",
 ]
 
 SPECIAL, WORD, PADDING = 0, 1, 2  # start / end-of-text (always kept), prompt words, positions after end-of-text
@@ -32,6 +33,7 @@ def attention_mass(
     attn_bias: torch.Tensor | None = None,
     chunk_elems: int = 1 << 22,
     with_positions: bool = False,
+    scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Cross-attention probability mass each token receives, computed in chunks of image positions.
 
@@ -45,6 +47,7 @@ def attention_mass(
         attn_bias: additive bias broadcastable to (B, H, N, L), or None.
         chunk_elems: size of one (B, H, chunk, L) probability block.
         with_positions: also return the per-position map (summed over heads).
+        scale: logit scale; default 1/sqrt(d), what F.scaled_dot_product_attention uses.
 
     Returns:
         mass: (B, L) mean probability per token over heads and positions (each row sums to 1).
@@ -52,7 +55,7 @@ def attention_mass(
     """
     B, H, N, d = query.shape  # (B, H, N, d)
     L = key.shape[-2]
-    scale = 1.0 / math.sqrt(d)  # what F.scaled_dot_product_attention uses
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
     key_t = key.float().transpose(-1, -2)  # (B, H, d, L)
     step = max(1, chunk_elems // max(1, B * H * L))
     mass = torch.zeros(B, L, dtype=torch.float32, device=query.device)  # (B, L)
@@ -191,3 +194,10 @@ def gather_mask(mask: torch.Tensor | None, index: torch.Tensor, valid: torch.Ten
     if pad_bias is not None:
         out = out + pad_bias.view(pad_bias.shape[0], *([1] * len(lead)), -1).to(out.dtype)
     return out
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask (True = attend) as an additive one (0 / -inf); others unchanged."""
+    if mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, -math.inf)
