@@ -1,0 +1,168 @@
+"""One Omniglot experiment, end to end: build a model, meta-train it, evaluate it.
+
+Used by ``examples/fewshot_omniglot.py`` and the benchmark; also a command line::
+
+    python -m fewshot_ccd.experiment --method ccd --steps 3000 --out ccd.json
+
+Evaluation: 5-way / 20-way x 1-shot / 5-shot episodes of the evaluation alphabets (seeded, the same
+for every method) and Lake et al.'s 20 within-alphabet one-shot runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .backbones import Conv4, ResNet12
+from .data.omniglot import OmniglotDataset, load_lake_runs
+from .dependency import ClassDependencyModule
+from .evaluate import embed_dataset, evaluate, evaluate_lake_runs
+from .methods import CCDNet, FewShotClassifier, ProtoNet
+from .train import TrainConfig, meta_train
+
+__all__ = ["METHODS", "build_model", "ExperimentConfig", "run_omniglot", "EVAL_SETTINGS"]
+
+METHODS = ("protonet", "ccd", "ccd_qkv")
+EVAL_SETTINGS = ((5, 1), (5, 5), (20, 1), (20, 5))  # (n_way, n_shot)
+
+
+def build_model(
+    method: str,
+    *,
+    backbone: str = "conv4",
+    in_channels: int = 1,
+    seed: int = 0,
+    num_heads: int = 8,
+    contrastive_weight: float = 0.0,
+) -> FewShotClassifier:
+    """ProtoNet or CCD with a Conv-4 (64-d on 28x28) or ResNet-12 (640-d) backbone.
+
+    The weights are drawn from ``seed`` inside a forked RNG (the global RNG is left untouched), and
+    the backbone weights are the same for every method at the same seed.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if backbone not in ("conv4", "resnet12"):
+        raise ValueError(f"backbone must be 'conv4' or 'resnet12', got {backbone!r}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = Conv4(in_channels) if backbone == "conv4" else ResNet12(in_channels)
+        dim = 64 if backbone == "conv4" else net.out_dim
+        torch.manual_seed(seed + 1)
+        if method == "protonet":
+            return ProtoNet(net)
+        module = ClassDependencyModule.blog_qkv(dim) if method == "ccd_qkv" else ClassDependencyModule(
+            dim, num_heads=num_heads)
+        return CCDNet(net, module, contrastive_weight=contrastive_weight)
+
+
+@dataclass
+class ExperimentConfig:
+    """An Omniglot experiment; defaults = the issue's reference budget (Snell et al.'s recipe)."""
+
+    method: str = "ccd"  # "protonet" | "ccd" | "ccd_qkv"
+    steps: int = 3000  # training episodes (meta_batch = 1): 3,000 60-way 1-shot episodes
+    n_way: int = 60  # training ways
+    n_shot: int = 1  # training shots
+    n_query: int = 5  # training queries per class
+    lr: float = 1e-3  # Adam
+    lr_decay_every: int = 2000  # halve the learning rate every this many steps
+    seed: int = 0  # model init and training episodes
+    eval_episodes: int = 1000  # per evaluation setting
+    eval_query: int = 15  # queries per class in evaluation episodes
+    eval_seed: int = 2024  # evaluation episodes (the same for every method)
+    num_heads: int = 8  # CCD attention heads
+    contrastive_weight: float = 0.0  # FEAT's regulariser (CCD only)
+    root: str | None = None  # data root (None: env vars, then ../shared/data)
+    max_classes: int | None = None  # use only the first characters of each set (smoke runs)
+    threads: int | None = None  # torch.set_num_threads (None: leave)
+    progress: bool = True  # tqdm bars
+
+
+def run_omniglot(cfg: ExperimentConfig) -> dict:
+    """Trains on the background set with rotations; evaluates on the evaluation set and Lake's runs."""
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    t0 = time.perf_counter()
+    train_set = OmniglotDataset(cfg.root, split="background", rotations=True, max_classes=cfg.max_classes)
+    test_set = OmniglotDataset(cfg.root, split="evaluation", max_classes=cfg.max_classes)
+    runs = load_lake_runs(cfg.root)
+    load_s = time.perf_counter() - t0
+    model = build_model(cfg.method, seed=cfg.seed, num_heads=cfg.num_heads,
+                        contrastive_weight=cfg.contrastive_weight)
+    train = meta_train(model, train_set, TrainConfig(
+        n_way=cfg.n_way, n_shot=cfg.n_shot, n_query=cfg.n_query, steps=cfg.steps, lr=cfg.lr,
+        lr_decay_every=cfg.lr_decay_every, seed=cfg.seed, progress=cfg.progress,
+        channels_last=True,
+    ))
+    t1 = time.perf_counter()
+    features = embed_dataset(model, test_set)  # (M, D), shared by the four settings
+    results = {}
+    for n_way, n_shot in EVAL_SETTINGS:
+        r = evaluate(model, test_set, n_way=n_way, n_shot=n_shot, n_query=cfg.eval_query,
+                     episodes=cfg.eval_episodes, seed=cfg.eval_seed, features=features)
+        results[f"{n_way}way{n_shot}shot"] = {"mean": r.mean, "ci95": r.ci95, "episodes": r.episodes}
+    lake = evaluate_lake_runs(model, runs)
+    tail = max(1, len(train.accuracies) // 10)
+    return {
+        "config": asdict(cfg),
+        "accuracy": results,
+        "lake_runs": {"error": lake.error, "ci95": lake.ci95, "per_run": lake.per_run},
+        "train": {
+            "steps": train.steps, "seconds": train.seconds, "episodes_per_s": train.episodes_per_s,
+            "step_ms": 1000.0 * train.seconds / max(train.steps, 1),
+            "final_train_acc": sum(train.accuracies[-tail:]) / tail,
+            "loss_curve": train.losses[:: max(1, len(train.losses) // 100)],
+            "peak_memory_mb": train.peak_memory_mb, "memory_kind": train.memory_kind,
+        },
+        "eval_seconds": time.perf_counter() - t1, "load_seconds": load_s,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        # learned scalar of the task-adaptive scale (None for ProtoNet and the blog's q/k/v variant)
+        "dependency_alpha": float(model.dependency.alpha) if hasattr(getattr(model, "dependency", None), "alpha")
+        else None,
+        "environment": environment(),
+    }
+
+
+def environment() -> dict:
+    return {
+        "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = ExperimentConfig()
+    parser.add_argument("--method", choices=METHODS, default=defaults.method)
+    for name in ("steps", "n_way", "n_shot", "n_query", "lr_decay_every", "seed", "eval_episodes",
+                 "eval_query", "eval_seed", "num_heads", "threads", "max_classes"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
+    for name in ("lr", "contrastive_weight"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
+    parser.add_argument("--root", default=None, help="data root holding omniglot/")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--out", default=None, help="write the result as JSON here")
+    args = parser.parse_args(argv)
+    cfg = ExperimentConfig(**{k: v for k, v in vars(args).items() if k not in ("out", "no_progress")},
+                           progress=not args.no_progress)
+    result = run_omniglot(cfg)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        from .data.download import atomic_write_bytes
+
+        atomic_write_bytes(args.out, text.encode())
+    print(json.dumps({k: result[k] for k in ("accuracy", "train")} | {"lake_error": result["lake_runs"]["error"]},
+                     indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""Prototypical Networks (Snell, Swersky and Zemel, NeurIPS 2017)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import FewShotClassifier
+
+__all__ = ["ProtoNet"]
+
+
+class ProtoNet(FewShotClassifier):
+    """Prototypical Networks: a query is scored by its distance to each class's mean embedding.
+
+    Snell, Swersky, Zemel, "Prototypical Networks for Few-shot Learning", NeurIPS 2017.
+
+    Args:
+        backbone: ``nn.Module`` mapping images ``(B, C, H, W)`` to features ``(B, D)``.
+        distance: ``"euclidean"`` (squared, as in the paper) or ``"cosine"``.
+        temperature: logits are divided by it.
+        learn_temperature: learn the temperature.
+
+    Call: ``model(support_images (S, C, H, W), support_labels (S,) in 0..N-1,
+    query_images (Q, C, H, W)) -> logits (Q, N)``.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        distance: str = "euclidean",
+        temperature: float = 1.0,
+        learn_temperature: bool = False,
+    ) -> None:
+        super().__init__(backbone, distance=distance, temperature=temperature,
+                         learn_temperature=learn_temperature)
