@@ -1,1 +1,68 @@
-"""Contrastive matrix completion for recommendation (work in progress)."""
+"""Contrastive matrix completion for recommendation (blog reproduction + MCCL, arXiv 2506.10658).
+
+Quick start::
+
+    from cmc_rec import CMCRecommender, SVDRecommender, evaluate, load_movielens_100k_split
+    train, test = load_movielens_100k_split("u1")
+    model = CMCRecommender().fit(train)
+    print(evaluate(model, train, test))
+    item_ids, scores = model.recommend([1, 2, 3], k=10)
+
+Importing this package pulls in numpy and torch only (h5py, pandas, accelerate, matplotlib are
+imported inside the functions that need them).
+"""
+
+from __future__ import annotations
+
+from .cmc import CMCConfig, CMCRecommender, temperature_sweep
+from .data import (
+    ChecksumError,
+    DatasetNotFoundError,
+    IdMap,
+    Ratings,
+    atomic_fetch,
+    download_movielens,
+    load_monti,
+    load_movielens_1m,
+    load_movielens_100k,
+    load_movielens_100k_split,
+    random_split,
+)
+from .metrics import EvalResult, catalog_coverage, evaluate, mae, popularity_bias, recall_ndcg_at_k, rmse
+from .model import ContrastiveMatrixModel, LossConfig
+from .recommender import BaseRecommender, MeanRecommender, SVDConfig, SVDRecommender
+from .train import TrainConfig, Trainer, TrainResult, atomic_save
+
+__all__ = [
+    "BaseRecommender",
+    "CMCConfig",
+    "CMCRecommender",
+    "ChecksumError",
+    "ContrastiveMatrixModel",
+    "DatasetNotFoundError",
+    "EvalResult",
+    "IdMap",
+    "LossConfig",
+    "MeanRecommender",
+    "Ratings",
+    "SVDConfig",
+    "SVDRecommender",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "atomic_fetch",
+    "atomic_save",
+    "catalog_coverage",
+    "download_movielens",
+    "evaluate",
+    "load_monti",
+    "load_movielens_100k",
+    "load_movielens_100k_split",
+    "load_movielens_1m",
+    "mae",
+    "popularity_bias",
+    "random_split",
+    "recall_ndcg_at_k",
+    "rmse",
+    "temperature_sweep",
+]
