@@ -140,3 +140,21 @@ def test_boolean_masks_are_honoured_when_pruning(clip_tokenizer):
             attn(hidden, encoder_hidden_states=text, attention_mask=mask)
             outs.append(attn(hidden, encoder_hidden_states=text, attention_mask=mask))
     torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=0)
+
+
+def test_sd2_style_tokenizer_padding_with_exclamation_marks(pipe):
+    """SD-2.x pads with '!' (id 0) after end-of-text: roles must still find the end-of-text token."""
+    from tokenprune_diffusers.scoring import PADDING, SPECIAL
+    from tokenprune_diffusers.tokenizer import load_clip_tokenizer
+
+    original = pipe.tokenizer
+    pipe.tokenizer = load_clip_tokenizer(pad_token="!")
+    try:
+        proc = apply_token_pruning(pipe, top_k=1, padding="drop")
+        generate(pipe, prompt="a red hat")
+    finally:
+        pipe.tokenizer = original
+    rep = proc.report
+    assert rep.token_ids[1, 4] == 49407 and rep.token_ids[1, 5:].eq(0).all()  # "!" padding
+    assert rep.roles[1, :5].tolist() == [SPECIAL, 1, 1, 1, SPECIAL] and (rep.roles[1, 5:] == PADDING).all()
+    assert rep.steps[-1].kept_counts == [2, 3]
