@@ -171,8 +171,7 @@ def run(model: str, size: int, steps: int, repeats: int, n_prompts: int, seed: i
         configs.append(TGATE)
     prompts = read_prompts(n_prompts)
     rows = {c.name: Row(c.name) for c in configs}
-    ceiling = cross_attention_share(pipe, prompts[0], steps, size, seed, originals)
-    denoise(pipe, CONFIGS[0], prompts[0], steps, size, seed, originals)  # warm-up, not timed
+    ceiling = cross_attention_share(pipe, prompts[0], steps, size, seed, originals)  # also the warm-up run
     plan = [(r, p) for r in range(repeats) for p in prompts]
     for k, (r, prompt) in enumerate(plan):
         order = configs[k % len(configs):] + configs[: k % len(configs)]  # rotate: no position bias
@@ -207,8 +206,8 @@ def run(model: str, size: int, steps: int, repeats: int, n_prompts: int, seed: i
                 torch.cuda.reset_peak_memory_stats()
                 denoise(pipe, cfg, prompts[0], steps, size, seed, originals)
                 rows[cfg.name].peak_mb = torch.cuda.max_memory_allocated() / 2**20
-            else:
-                rows[cfg.name].peak_mb = peak_memory(model, cfg, prompts[0], steps, size, seed, device, dtype)
+            else:  # peak memory does not depend on the number of steps, only on what each call computes
+                rows[cfg.name].peak_mb = peak_memory(model, cfg, prompts[0], min(steps, 5), size, seed, device, dtype)
     return summarise(rows, ceiling, dict(model=model, size=size, steps=steps, repeats=repeats, prompts=len(prompts),
                                          seed=seed, device=device, dtype=str(dtype).replace("torch.", "")))
 
@@ -272,7 +271,9 @@ def to_markdown(result: dict, target: float | None = None) -> str:
         f"### Token pruning: {s['model']}, {s['size']}x{s['size']}, {s['steps']} steps, {s['device']} {s['dtype']}",
         "",
         f"{s['prompts']} prompt(s) x {s['repeats']} repeat(s), configurations interleaved, seed {s['seed']}; "
-        f"environment: {json.dumps(result['environment'])}",
+        f"environment: {json.dumps(result['environment'])}. Peak memory: one generation per configuration "
+        "(on CPU a child process each, peak RSS with the weights, at min(steps, 5) steps; on GPU "
+        "torch.cuda.max_memory_allocated).",
         "",
         "| configuration | median s / image | iter/s | speedup | peak MB | PSNR vs stock (dB) | latent rel. L2 | xattn FLOPs saved |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
