@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from torch import nn
-
 from .base import FewShotClassifier
 
 __all__ = ["ProtoNet"]
@@ -23,14 +21,3 @@ class ProtoNet(FewShotClassifier):
     Call: ``model(support_images (S, C, H, W), support_labels (S,) in 0..N-1,
     query_images (Q, C, H, W)) -> logits (Q, N)``.
     """
-
-    def __init__(
-        self,
-        backbone: nn.Module,
-        *,
-        distance: str = "euclidean",
-        temperature: float = 1.0,
-        learn_temperature: bool = False,
-    ) -> None:
-        super().__init__(backbone, distance=distance, temperature=temperature,
-                         learn_temperature=learn_temperature)
