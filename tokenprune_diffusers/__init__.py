@@ -12,6 +12,7 @@ or, keeping the processors already installed and the pipeline's tokenizer for re
 """
 
 from .config import TokenPruneConfig
+from .deepcache import DeepCache, apply_deep_cache, get_deep_cache, remove_deep_cache
 from .guidance import CollapseGuidance
 from .patch import apply_token_pruning, get_token_pruning, remove_token_pruning
 from .processor import TokenPruneProcessor
@@ -22,6 +23,10 @@ __all__ = [
     "TokenPruneProcessor",
     "TokenPruneConfig",
     "CollapseGuidance",
+    "DeepCache",
+    "apply_deep_cache",
+    "remove_deep_cache",
+    "get_deep_cache",
     "apply_token_pruning",
     "remove_token_pruning",
     "get_token_pruning",

@@ -5,6 +5,9 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+
 from .processor import TokenPruneProcessor
 
 __all__ = ["apply_token_pruning", "remove_token_pruning", "get_token_pruning"]
@@ -63,7 +66,29 @@ def apply_token_pruning(model: Any, processor: TokenPruneProcessor | None = None
     if getattr(model, "tokenizer", None) is not None:
         proc.tokenizer = model.tokenizer
     unet.set_attn_processor(proc)
+    registry = HookRegistry.check_if_exists_or_initialize(unet)
+    registry.remove_hook(_CALL_HOOK, recurse=False)
+    registry.register_hook(_CallHook(proc), _CALL_HOOK)
+    proc._hooked = True
     return proc
+
+
+_CALL_HOOK = "tokenprune_unet_call"
+
+
+class _CallHook(ModelHook):
+    """Tells the processor that a UNet call starts (with its text states), so that calls in which
+    no cross-attention layer runs (DeepCache) are counted too."""
+
+    def __init__(self, processor: TokenPruneProcessor) -> None:
+        super().__init__()
+        self.processor = processor
+
+    def pre_forward(self, module, *args, **kwargs):
+        text = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)  # (B, L, D)
+        if isinstance(text, torch.Tensor) and text.ndim == 3:
+            self.processor._unet_call(text)
+        return args, kwargs
 
 
 def _default_processor(attn):
@@ -80,9 +105,13 @@ def remove_token_pruning(model: Any) -> None:
     installs by default (``AttnProcessor2_0``) is put in its place.
     """
     unet = _unet(model)
+    registry = getattr(unet, "_diffusers_hook", None)
+    if registry is not None:
+        registry.remove_hook(_CALL_HOOK, recurse=False)
     installed = get_token_pruning(unet)
     if installed is None:
         return
+    installed._hooked = False
     if installed.originals is not None:
         unet.set_attn_processor(dict(installed.originals))
     else:

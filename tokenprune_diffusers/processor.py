@@ -161,6 +161,7 @@ class TokenPruneProcessor:
         self._inner: weakref.WeakKeyDictionary[Attention, Any] = weakref.WeakKeyDictionary()
         self._gen: _Generation | None = None
         self._seen: set[int] = set()  # cross-attention layers seen in the current UNet call
+        self._hooked = False  # apply_token_pruning's UNet hook announces every UNet call
         self._pending: tuple[int, torch.Tensor | None] | None = None  # from begin_generation()
         self._warned: set[str] = set()
 
@@ -233,7 +234,7 @@ class TokenPruneProcessor:
     ) -> torch.Tensor:
         text = encoder_hidden_states[0] if isinstance(encoder_hidden_states, tuple) else encoder_hidden_states
         plan = self._plan(attn, text).rows(text.shape[0])
-        if plan.gated:  # --- gating: cross-attention has converged; reuse its output
+        if plan.gated and id(attn) in self._gen.out:  # --- gating: cross-attention has converged; reuse its output
             n_query = hidden_states.shape[-2] * hidden_states.shape[-1] if hidden_states.ndim == 4 else hidden_states.shape[1]
             self._count(attn, text.shape[0], n_query, text.shape[1], 0, computed=False)
             return self._kept_output(attn, text.shape[0])
@@ -324,7 +325,7 @@ class TokenPruneProcessor:
 
         hidden_states = hidden_states / attn.rescale_output_factor
 
-        if plan.fill:
+        if plan.fill or plan.gated:  # gated but not kept (a layer skipped by DeepCache when filling): keep now
             self._gen.out[id(attn)] = hidden_states
         return hidden_states
 
@@ -348,7 +349,7 @@ class TokenPruneProcessor:
         self._count(attn, text.shape[0], n_query, length, text.shape[1], scored=plan.score)
         states = (text, *extra) if extra is not None else text
         out = inner(attn, hidden_states, states, attention_mask, temb, **kwargs)
-        if plan.fill:
+        if plan.fill or plan.gated:  # gated but not kept (a layer skipped by DeepCache when filling): keep now
             self._gen.out[id(attn)] = out
         return out
 
@@ -388,8 +389,18 @@ class TokenPruneProcessor:
         return mean
 
     # ------------------------------------------------------------------ bookkeeping
+    @torch.compiler.disable
+    def _unet_call(self, text: torch.Tensor) -> None:
+        """Called by apply_token_pruning's UNet hook before every UNet call, also the calls in
+        which no cross-attention layer runs (DeepCache's cached calls)."""
+        self._seen.clear()
+        self._next_call(text)
+
     def _plan(self, attn: Attention, text: torch.Tensor) -> _Plan:
-        """Called by every cross-attention layer; a layer seen twice means a new UNet call."""
+        """Called by every cross-attention layer; without the UNet hook, a layer seen twice
+        means a new UNet call."""
+        if self._hooked and self._gen is not None:
+            return self._gen.plan
         layer = id(attn)
         if not self._seen or layer in self._seen:
             self._seen.clear()

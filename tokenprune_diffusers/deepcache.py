@@ -1,0 +1,295 @@
+"""Deep-feature reuse across UNet calls (DeepCache), as diffusers hooks on the UNet's blocks.
+
+Ma, Fang and Wang, "DeepCache: Accelerating Diffusion Models for Free", CVPR 2024
+(arXiv 2312.00858): the deep features of a UNet change slowly from one denoising step to the next,
+while the outer (high-resolution) blocks carry the detail. So on most calls only the outer
+``depth`` down blocks and the matching up blocks are computed; the input of those up blocks from
+below (the output of the deeper up blocks) is taken from the last full call.
+
+Wiring only: every skipped block gets a :class:`diffusers.hooks.ModelHook` whose ``new_forward``
+returns that block's output of the last full call instead of computing it; the UNet gets one hook
+that decides, once per call, whether the call is full or cached. Removing the hooks restores the
+original forwards exactly.
+
+It composes with :class:`~tokenprune_diffusers.TokenPruneProcessor` (pruning, K/V reuse, gating)
+and :class:`~tokenprune_diffusers.CollapseGuidance`: a call whose batch differs from the cached one
+(the first call after guidance collapse) is computed in full and starts a new cache.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+
+from .context import find_pipeline_call
+
+__all__ = ["DeepCache", "DeepCacheConfig", "apply_deep_cache", "remove_deep_cache", "get_deep_cache"]
+
+_UNET_HOOK = "tokenprune_deep_cache"
+_BLOCK_HOOK = "tokenprune_deep_cache_block"
+
+
+@dataclass(frozen=True)
+class DeepCacheConfig:
+    """When to reuse the deep features. Checked at construction."""
+
+    # --- important args ---
+    interval: int = 3  # one full UNet call, then interval - 1 cached calls; 1 never reuses (exact)
+    start: float = 0.0  # share of a generation's UNet calls computed in full before reuse begins
+    # --- args to tinker with ---
+    depth: int = 1  # outer levels (down block + matching up block) computed on every call
+    num_steps: int | None = None  # UNet calls per generation, only for hand-written loops (pipelines report it)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
+            raise ValueError(f"interval must be a positive int, got {self.interval!r}")
+        if isinstance(self.start, bool) or not isinstance(self.start, (int, float)) or not 0.0 <= self.start <= 1.0:
+            raise ValueError(f"start must be a number in [0, 1], got {self.start!r}")
+        if isinstance(self.depth, bool) or not isinstance(self.depth, int) or self.depth < 1:
+            raise ValueError(f"depth must be a positive int, got {self.depth!r}")
+        if self.num_steps is not None and (
+            isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1
+        ):
+            raise ValueError(f"num_steps must be a positive int, got {self.num_steps!r}")
+
+    def start_call(self, num_calls: int) -> int:
+        """Index of the first UNet call that may reuse deep features (call 0 is always full)."""
+        return max(1, math.ceil(self.start * num_calls - 1e-9))
+
+
+@dataclass
+class _State:
+    """The running generation, shared by the UNet hook and the block hooks."""
+
+    key: Any = None  # the pipeline call's generation key; None in hand-written loops
+    num_calls: int | None = None
+    call: int = -1  # index of the running UNet call in the generation
+    reuse: bool = False  # the running call reuses the deep features
+    since_full: int = 0  # cached calls since the last full call
+    signature: tuple | None = None  # (shape, dtype, device) of the sample of the last full call
+    outputs: dict[int, Any] = field(default_factory=dict)  # skipped block -> its output of the last full call
+    schedule: list[bool] = field(default_factory=list)  # per call of the generation: reused?
+
+    def clear(self) -> None:
+        self.outputs.clear()
+        self.signature = None
+        self.since_full = 0
+
+
+class DeepCache:
+    """Handle of the deep-feature cache installed on one UNet (see :func:`apply_deep_cache`).
+
+    Attributes:
+        config: the :class:`DeepCacheConfig`.
+        schedule: per UNet call of the running (or last) generation, True where the call reused the
+            deep features; ``schedule.count(True)`` calls were cached.
+    """
+
+    def __init__(self, unet: Any, config: DeepCacheConfig) -> None:
+        self.config = config
+        self._unet = unet
+        self._state = _State()
+        self._pending: int | None = None
+        self._warned = False
+
+    def __repr__(self) -> str:
+        c = self.config
+        return f"DeepCache(interval={c.interval}, start={c.start!r}, depth={c.depth})"
+
+    @property
+    def schedule(self) -> list[bool]:
+        return list(self._state.schedule)
+
+    def begin_generation(self, num_steps: int) -> None:
+        """Start a generation in a hand-written loop: ``num_steps`` UNet calls follow."""
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+        self._pending = num_steps
+
+    def reset(self) -> None:
+        """Forget the running generation and its cached features."""
+        self._state = _State()
+        self._pending = None
+
+    # ------------------------------------------------------------------ per UNet call
+    def _next_call(self, sample: torch.Tensor, adapters: bool) -> None:
+        st, cfg = self._state, self.config
+        ctx = None if self._pending is not None else find_pipeline_call()
+        if self._pending is not None:
+            self._start(None, self._pending)
+            self._pending = None
+        elif ctx is not None and ctx.num_calls is not None:
+            if st.num_calls is None or st.key is not ctx.key:
+                self._start(ctx.key, ctx.num_calls)
+            else:
+                st.call += 1
+        elif st.num_calls is not None and st.key is None and st.call + 1 < st.num_calls:
+            st.call += 1  # a hand-written loop
+        elif cfg.num_steps is not None:
+            self._start(None, cfg.num_steps)
+        else:
+            if not self._warned:
+                self._warned = True
+                warnings.warn(
+                    "DeepCache cannot tell how many UNet calls this generation has (no diffusers pipeline call "
+                    "found on the stack), so it computes every call in full. In a hand-written loop, pass "
+                    "apply_deep_cache(..., num_steps=N) or call begin_generation(N) before the loop.",
+                    stacklevel=4,
+                )
+            self._start(None, None)
+        st = self._state
+        signature = (tuple(sample.shape), sample.dtype, sample.device)
+        st.reuse = (
+            st.num_calls is not None
+            and not adapters  # T2I-Adapter residuals are added in place to block outputs
+            and st.call >= cfg.start_call(st.num_calls)
+            and st.signature == signature
+            and st.since_full + 1 < cfg.interval
+        )
+        if st.reuse:
+            st.since_full += 1
+        else:
+            st.clear()
+            st.signature = signature if st.num_calls is not None and cfg.interval > 1 else None
+        st.schedule.append(st.reuse)
+        if st.num_calls is not None and st.call >= st.num_calls - 1:
+            st.signature = None  # the last call: no later call may reuse; outputs are freed after it
+
+    def _start(self, key: Any, num_calls: int | None) -> None:
+        self._state = _State(key=key, num_calls=num_calls, call=0)
+
+    def _end_call(self) -> None:
+        st = self._state
+        if st.signature is None:  # nothing may reuse these outputs: free them now
+            st.outputs.clear()
+
+    # ------------------------------------------------------------------ wiring
+    def _install(self) -> None:
+        unet, depth = self._unet, self.config.depth
+        HookRegistry.check_if_exists_or_initialize(unet).register_hook(_UNetHook(self), _UNET_HOOK)
+        skipped = list(unet.down_blocks[depth:]) + [unet.mid_block] + list(unet.up_blocks[: len(unet.up_blocks) - depth])
+        for block in skipped:
+            if block is not None:
+                HookRegistry.check_if_exists_or_initialize(block).register_hook(_BlockHook(self._state_ref), _BLOCK_HOOK)
+
+    def _state_ref(self) -> _State:
+        return self._state
+
+    def _uninstall(self) -> None:
+        unet = self._unet
+        for module in [unet, *unet.down_blocks, unet.mid_block, *unet.up_blocks]:
+            registry = getattr(module, "_diffusers_hook", None)
+            if registry is not None:
+                registry.remove_hook(_BLOCK_HOOK if module is not unet else _UNET_HOOK, recurse=False)
+        self._state.clear()  # free the features; the schedule of the last generation stays readable
+        self._pending = None
+
+
+class _UNetHook(ModelHook):
+    """Decides, before each UNet call, whether the call reuses the deep features."""
+
+    def __init__(self, cache: DeepCache) -> None:
+        super().__init__()
+        self.cache = cache
+
+    def pre_forward(self, module, *args, **kwargs):
+        sample = args[0] if args else kwargs["sample"]  # (B, C, h, w)
+        adapters = bool(kwargs.get("down_intrablock_additional_residuals"))
+        self.cache._next_call(sample, adapters)
+        return args, kwargs
+
+    def post_forward(self, module, output):
+        self.cache._end_call()
+        return output
+
+
+class _BlockHook(ModelHook):
+    """On a cached call, returns the block's output of the last full call instead of computing it."""
+
+    def __init__(self, state) -> None:
+        super().__init__()
+        self.state = state  # callable returning the running _State
+
+    def new_forward(self, module, *args, **kwargs):
+        st = self.state()
+        if st.reuse:
+            return st.outputs[id(module)]
+        out = self.fn_ref.original_forward(*args, **kwargs)
+        if st.signature is not None:  # a later call may reuse it
+            st.outputs[id(module)] = out
+        return out
+
+
+def _unet_of(model: Any):
+    unet = getattr(model, "unet", model)
+    if not all(hasattr(unet, name) for name in ("down_blocks", "up_blocks", "mid_block")):
+        raise TypeError(f"expected a UNet2DConditionModel or a pipeline with one, got {type(model).__name__}")
+    return unet
+
+
+def get_deep_cache(model: Any) -> DeepCache | None:
+    """The :class:`DeepCache` installed on ``model`` (a pipeline or its UNet), or None."""
+    registry = getattr(_unet_of(model), "_diffusers_hook", None)
+    hook = registry.get_hook(_UNET_HOOK) if registry is not None else None
+    return hook.cache if hook is not None else None
+
+
+def apply_deep_cache(
+    model: Any,
+    interval: int = 3,
+    start: float = 0.0,
+    *,
+    depth: int = 1,
+    num_steps: int | None = None,
+) -> DeepCache:
+    """Reuse the UNet's deep features on all but one of every ``interval`` calls.
+
+    Applying twice replaces the first cache (no hooks pile up); :func:`remove_deep_cache` restores
+    the UNet's original forwards exactly. Approximate: the output differs from stock on cached calls.
+
+    Example:
+        >>> cache = apply_deep_cache(pipe, interval=3)
+        >>> image = pipe("a red circle on the left").images[0]
+        >>> cache.schedule.count(True)  # UNet calls that reused the deep features
+
+    Important args:
+        model: a diffusers pipeline with a ``unet``, or a ``UNet2DConditionModel``.
+        interval (int, default 3): one full UNet call, then ``interval - 1`` calls that compute only
+            the outer blocks. ``1`` computes every call (identical to stock).
+        start (float in [0, 1], default 0): share of the generation's UNet calls computed in full
+            before reuse begins (the early calls lay out the image).
+
+    Args to tinker with:
+        depth (int, default 1): outer levels computed on every call: down blocks ``[:depth]`` and
+            up blocks ``[-depth:]``; the rest (and the mid block) are reused.
+        num_steps (int): UNet calls per generation, for hand-written loops.
+    """
+    unet = _unet_of(model)
+    config = DeepCacheConfig(interval=interval, start=start, depth=depth, num_steps=num_steps)
+    if depth >= len(unet.down_blocks) or depth >= len(unet.up_blocks):
+        raise ValueError(
+            f"depth must be below the UNet's {len(unet.down_blocks)} levels (something must be reused), got {depth}"
+        )
+    from .processor import TokenPruneProcessor
+
+    if any(isinstance(p, TokenPruneProcessor) and not p._hooked for p in unet.attn_processors.values()):
+        raise ValueError(
+            "a TokenPruneProcessor installed with set_attn_processor() counts UNet calls by its cross-attention "
+            "layers, which DeepCache skips; install it with apply_token_pruning(pipe, ...) to combine the two"
+        )
+    remove_deep_cache(unet)
+    cache = DeepCache(unet, config)
+    cache._install()
+    return cache
+
+
+def remove_deep_cache(model: Any) -> None:
+    """Remove the deep-feature cache from ``model`` (a no-op when none is installed)."""
+    cache = get_deep_cache(model)
+    if cache is not None:
+        cache._uninstall()
