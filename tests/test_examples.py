@@ -39,6 +39,20 @@ def test_demo_cli_smoke(tmp_path):
         assert (tmp_path / name).is_file()
 
 
+def test_demo_cli_default_is_the_embedded_toy_model(tmp_path):
+    pytest.importorskip("diffusers")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tokenprune_diffusers", "--steps", "5", "--threshold", "0.5", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env=env,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "model: embedded toy model" in proc.stdout and "small red circle" in proc.stdout
+    from PIL import Image
+
+    assert Image.open(tmp_path / "stock.png").size == (32, 32)
+
+
 def test_demo_cli_refuses_bad_values_naming_them(tmp_path):
     pytest.importorskip("diffusers")
     proc = subprocess.run(

@@ -35,6 +35,7 @@ def pipe(tiny_pipe):
     """The session's tiny pipeline, with its original processors and scheduler put back after the test."""
     processors, scheduler = tiny_pipe.unet.attn_processors, tiny_pipe.scheduler
     yield tiny_pipe
+    remove_token_pruning(tiny_pipe)  # also its UNet hook
     tiny_pipe.unet.set_attn_processor(processors)
     tiny_pipe.scheduler = scheduler
 
@@ -137,15 +138,24 @@ def test_same_seed_same_image_and_a_second_prompt_never_uses_the_first_prompts_s
 
 
 def test_apply_twice_is_safe_and_remove_restores_the_original_objects(pipe):
-    before = pipe.unet.attn_processors
+    remove_token_pruning(pipe)  # whatever an earlier test left
+    before, forward = pipe.unet.attn_processors, pipe.unet.forward
     apply_token_pruning(pipe, top_k=1)
     second = apply_token_pruning(pipe, threshold=0.3)
     assert get_token_pruning(pipe) is second and second.originals == before
     assert all(p is second for p in pipe.unet.attn_processors.values())
+    assert list(pipe.unet._diffusers_hook.hooks) == ["tokenprune_unet_call"]  # one UNet-call hook, not two
     remove_token_pruning(pipe)
     after = pipe.unet.attn_processors
     assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+    assert pipe.unet.forward == forward and not pipe.unet._diffusers_hook.hooks
     remove_token_pruning(pipe)  # no-op
+    # replaced by hand instead of removed: the processor's UNet hook stays idle
+    third = apply_token_pruning(pipe, top_k=1)
+    pipe.unet.set_attn_processor(AttnProcessor2_0())
+    generate(pipe, steps=2)
+    assert third.report is None
+    remove_token_pruning(pipe)
     with pytest.raises(TypeError, match="not both"):
         apply_token_pruning(pipe, TokenPruneProcessor(), top_k=1)
 

@@ -46,3 +46,20 @@ def test_token_pruning_runs_on_the_toy_pipeline(toy_pipe):
         remove_token_pruning(toy_pipe)
     assert image.shape == (1, 32, 32, 3)
     assert proc.report is not None and proc.report.num_calls == 8
+
+
+@needs_weights
+def test_evaluation_runs_the_speed_settings_and_removes_them(toy_pipe):
+    from tokenprune_diffusers import get_deep_cache, get_token_pruning
+    from tokenprune_diffusers.toy.evaluate import SPEED_SETTINGS, EvalConfig, evaluate
+
+    batches = []
+    handle = toy_pipe.unet.register_forward_pre_hook(lambda m, a: batches.append(a[0].shape[0]))
+    setting = SPEED_SETTINGS[-1]  # gate + collapse + DeepCache
+    try:
+        rows = evaluate(toy_pipe, EvalConfig(n=2, steps=5, batch_size=2), settings=[setting], progress=False)
+    finally:
+        handle.remove()
+    assert [r["setting"] for r in rows] == [setting.label] * 2 and all(0 <= r["all"] <= 1 for r in rows)
+    assert batches[:1] == [4] and batches[-1] == 2  # 2 prompts: CFG's 4 rows, then collapsed to 2
+    assert get_token_pruning(toy_pipe) is None and get_deep_cache(toy_pipe) is None

@@ -1,8 +1,9 @@
 """The demo: stock vs pruned on the same seed, offline.
 
-    python -m tokenprune_diffusers                       # SD-1.5 architecture, random weights, 256 px
+    python -m tokenprune_diffusers                       # the embedded, trained toy model (32 px, seconds)
+    python -m tokenprune_diffusers --sd15-random         # SD-1.5 architecture, random weights, 256 px (speed)
     python -m tokenprune_diffusers --model PATH_OR_HUB_ID # a real checkpoint, where one can be had
-    python -m tokenprune_diffusers --tiny --steps 4       # seconds: a tiny pipeline (smoke test)
+    python -m tokenprune_diffusers --tiny --steps 4       # seconds: a tiny random pipeline (smoke test)
 
 Prints which tokens were kept or pruned at each UNet call, the timings of both runs, and writes
 the two images, the per-token heat maps and the report (JSON) to ``--out``.
@@ -23,18 +24,27 @@ from .heatmap import render_heatmaps
 from .patch import apply_token_pruning, remove_token_pruning
 
 DEFAULT_PROMPT = "a cat wearing a red hat, highly detailed, studio lighting, trending on artstation"
+TOY_PROMPT = "a small red circle on the left and a large blue square on the right, highly detailed, studio lighting"
+# per model: (prompt, steps, size, guidance scale) when not given
+_DEFAULTS = {
+    "toy": (TOY_PROMPT, 15, 32, 2.0),
+    "sd15-random": (DEFAULT_PROMPT, 10, 256, 7.5),
+    "tiny": (DEFAULT_PROMPT, 10, 64, 7.5),
+    "model": (DEFAULT_PROMPT, 25, 512, 7.5),
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m tokenprune_diffusers", description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group()
-    src.add_argument("--model", default=None, help="hub id or local folder of a diffusers checkpoint (default: embedded SD-1.5 architecture with random weights)")
+    src.add_argument("--model", default=None, help="hub id or local folder of a diffusers checkpoint (default: the embedded, trained toy model)")
+    src.add_argument("--sd15-random", action="store_true", help="the SD-1.5 architecture with random weights (real speed, no content)")
     src.add_argument("--tiny", action="store_true", help="a tiny random pipeline (seconds; for smoke tests)")
-    ap.add_argument("--prompt", default=DEFAULT_PROMPT)
+    ap.add_argument("--prompt", default=None, help="default: a two-object prompt for the toy model, else a cat in a red hat")
     ap.add_argument("--negative-prompt", default=None)
-    ap.add_argument("--steps", type=int, default=10, help="num_inference_steps")
-    ap.add_argument("--size", type=int, default=256, help="image height and width in pixels")
-    ap.add_argument("--guidance-scale", type=float, default=7.5)
+    ap.add_argument("--steps", type=int, default=None, help="num_inference_steps (toy 15, SD-1.5 random 10)")
+    ap.add_argument("--size", type=int, default=None, help="image height and width in pixels (toy 32, SD-1.5 random 256)")
+    ap.add_argument("--guidance-scale", type=float, default=None, help="toy 2.0, others 7.5")
     ap.add_argument("--seed", type=int, default=0)
     rule = ap.add_mutually_exclusive_group()
     rule.add_argument("--threshold", type=float, default=None, help="normalised-score threshold (default 0.1)")
@@ -44,6 +54,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--padding", choices=("score", "keep", "drop"), default="score")
     ap.add_argument("--out", default="outputs/demo", help="folder for images, heat maps and report")
     args = ap.parse_args(argv)
+    args.source = "model" if args.model else "sd15-random" if args.sd15_random else "tiny" if args.tiny else "toy"
+    prompt, steps, size, guidance = _DEFAULTS[args.source]
+    args.prompt = prompt if args.prompt is None else args.prompt
+    args.steps = steps if args.steps is None else args.steps
+    args.size = size if args.size is None else args.size
+    args.guidance_scale = guidance if args.guidance_scale is None else args.guidance_scale
     if args.steps < 1:
         ap.error(f"--steps must be >= 1, got {args.steps}")
     if args.size < 8 or args.size % 8:
@@ -64,18 +80,24 @@ def load_pipeline(args: argparse.Namespace):
         return pipe, f"{args.model}"
     from .models import sd15_pipeline, tiny_pipeline
 
-    if args.tiny:
+    if args.source == "tiny":
         return tiny_pipeline(seed=args.seed), "tiny random pipeline"
-    return sd15_pipeline(seed=args.seed), "SD-1.5 architecture, random weights (seeded)"
+    if args.source == "sd15-random":
+        return sd15_pipeline(seed=args.seed), "SD-1.5 architecture, random weights (seeded)"
+    from .toy.model import load_toy_pipeline
+
+    pipe = load_toy_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, "embedded toy model (trained on captioned shapes; tokenprune_diffusers.toy)"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"building pipeline ({'tiny' if args.tiny else args.model or 'SD-1.5 architecture'}) ...", flush=True)
+    print(f"building pipeline ({args.model or args.source}) ...", flush=True)
     pipe, label = load_pipeline(args)
-    size = args.size if not args.tiny else min(args.size, 64)
+    size = args.size
 
     def generate():
         g = torch.Generator().manual_seed(args.seed)
@@ -114,8 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     psnr = float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
     print(f"fidelity vs stock: PSNR {psnr:.2f} dB, max abs diff {diff.max():.4f}")
     if report.keep is not None and bool(report.keep.all()):
-        print("nothing was pruned: every candidate scored above the rule (random weights attend almost "
-              "uniformly); try --keep-ratio 0.5 or a real model")
+        print("nothing was pruned: every candidate scored above the rule; try a higher --threshold or --keep-ratio 0.5")
 
     from PIL import Image
 

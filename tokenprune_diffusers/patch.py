@@ -68,7 +68,7 @@ def apply_token_pruning(model: Any, processor: TokenPruneProcessor | None = None
     unet.set_attn_processor(proc)
     registry = HookRegistry.check_if_exists_or_initialize(unet)
     registry.remove_hook(_CALL_HOOK, recurse=False)
-    registry.register_hook(_CallHook(proc), _CALL_HOOK)
+    registry.register_hook(_CallHook(proc, next(iter(modules.values()))), _CALL_HOOK)
     proc._hooked = True
     return proc
 
@@ -80,11 +80,15 @@ class _CallHook(ModelHook):
     """Tells the processor that a UNet call starts (with its text states), so that calls in which
     no cross-attention layer runs (DeepCache) are counted too."""
 
-    def __init__(self, processor: TokenPruneProcessor) -> None:
+    def __init__(self, processor: TokenPruneProcessor, probe) -> None:
         super().__init__()
         self.processor = processor
+        self.probe = weakref.ref(probe)  # an attention module: is the processor still installed?
 
     def pre_forward(self, module, *args, **kwargs):
+        probe = self.probe()
+        if probe is None or probe.processor is not self.processor:  # replaced by set_attn_processor(): idle
+            return args, kwargs
         text = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)  # (B, L, D)
         if isinstance(text, torch.Tensor) and text.ndim == 3:
             self.processor._unet_call(text)

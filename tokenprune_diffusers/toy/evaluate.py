@@ -14,15 +14,28 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from ..deepcache import apply_deep_cache, remove_deep_cache
+from ..guidance import CollapseGuidance
 from ..patch import apply_token_pruning, remove_token_pruning
 from .checker import ATTRIBUTES, score_images
 from .data import COLORS, POSITIONS, SHAPES, SIZES, ToySample, ToyShapesDataset
 
-__all__ = ["EvalConfig", "DEFAULT_SETTINGS", "evaluation_samples", "generate", "evaluate", "markdown_table", "main"]
+__all__ = ["EvalConfig", "Setting", "DEFAULT_SETTINGS", "SPEED_SETTINGS", "evaluation_samples", "generate", "evaluate", "markdown_table", "main"]
+
+
+class Setting(NamedTuple):
+    """One evaluated configuration; a plain ``(label, prune)`` pair is accepted too."""
+
+    label: str
+    prune: dict | None = None  # apply_token_pruning options; None = stock processors
+    collapse: bool = False  # CollapseGuidance as callback_on_step_end (needs a gate in prune)
+    deep_cache: dict | None = None  # apply_deep_cache options; None = off
+
 
 # (label, apply_token_pruning options or None for stock)
 DEFAULT_SETTINGS: tuple[tuple[str, dict | None], ...] = (
@@ -32,6 +45,15 @@ DEFAULT_SETTINGS: tuple[tuple[str, dict | None], ...] = (
     ("threshold 0.3, warmup 0.2", dict(threshold=0.3, warmup=0.2)),
     ("threshold 0.3, warmup 0", dict(threshold=0.3, warmup=0.0)),
     ("threshold 0.5, warmup 0.2", dict(threshold=0.5, warmup=0.2)),
+)
+# the speed options beyond pruning (approximate ones: their adherence cost is what this measures)
+SPEED_SETTINGS: tuple[Setting, ...] = (
+    Setting("gate 0.4", dict(threshold=0.1, warmup=0.2, gate=0.4)),
+    Setting("gate 0.4 + collapse", dict(threshold=0.1, warmup=0.2, gate=0.4), collapse=True),
+    Setting("gate 0.2 + collapse", dict(threshold=0.1, warmup=0.1, gate=0.2), collapse=True),
+    Setting("DeepCache N=3", None, deep_cache=dict(interval=3)),
+    Setting("gate 0.2 + collapse + DeepCache N=3", dict(threshold=0.1, warmup=0.1, gate=0.2), collapse=True,
+            deep_cache=dict(interval=3)),
 )
 _ATTRIBUTE_WORDS = frozenset([*COLORS, *SHAPES, *SIZES, *POSITIONS])
 
@@ -59,10 +81,11 @@ def evaluation_samples(n: int, num_objects: int, seed: int) -> list[ToySample]:
     return [data[i] for i in range(n)]
 
 
-def generate(pipe, captions: list[str], config: EvalConfig, on_batch=None) -> list[np.ndarray]:
+def generate(pipe, captions: list[str], config: EvalConfig, on_batch=None, **pipe_kwargs) -> list[np.ndarray]:
     """(32, 32, 3) images in [0, 1]; caption ``i`` uses ``Generator().manual_seed(config.seed + i)``.
 
-    ``on_batch(captions)`` is called after each pipeline call (e.g. to read the pruning report).
+    ``on_batch(captions)`` is called after each pipeline call (e.g. to read the pruning report);
+    ``pipe_kwargs`` go to every pipeline call (e.g. ``callback_on_step_end``).
     """
     images: list[np.ndarray] = []
     for start in range(0, len(captions), config.batch_size):
@@ -74,6 +97,7 @@ def generate(pipe, captions: list[str], config: EvalConfig, on_batch=None) -> li
             guidance_scale=config.guidance_scale,
             generator=gens,
             output_type="np",
+            **pipe_kwargs,
         ).images  # (b, 32, 32, 3)
         images.extend(list(out))
         if on_batch is not None:
@@ -108,15 +132,20 @@ def evaluate(pipe, config: EvalConfig, settings=DEFAULT_SETTINGS, progress: bool
     from tqdm.auto import tqdm
 
     rows = []
-    work = [(label, opts, k) for label, opts in settings for k in (1, 2)]
-    for label, opts, k in tqdm(work, disable=not progress, desc="settings"):
+    work = [(Setting(*setting), k) for setting in settings for k in (1, 2)]
+    for setting, k in tqdm(work, disable=not progress, desc="settings"):
+        label = setting.label
         samples = evaluation_samples(config.n, k, config.seed)
         captions = [s.caption for s in samples]
         stats = dict(flops=[], ap=0, at=0, op=0, ot=0)
+        remove_deep_cache(pipe)
         remove_token_pruning(pipe)
         proc = None
-        if opts is not None:
-            proc = apply_token_pruning(pipe, record_maps=False, **opts)
+        if setting.prune is not None:
+            proc = apply_token_pruning(pipe, record_maps=False, **setting.prune)
+        if setting.deep_cache is not None:
+            apply_deep_cache(pipe, **setting.deep_cache)
+        extra = {"callback_on_step_end": CollapseGuidance(proc, pipe)} if setting.collapse else {}
 
         def on_batch(chunk, proc=proc, stats=stats):
             if proc is None or proc.report is None:
@@ -129,8 +158,9 @@ def evaluate(pipe, config: EvalConfig, settings=DEFAULT_SETTINGS, progress: bool
             stats["ot"] += ot
 
         start = time.perf_counter()
-        images = generate(pipe, captions, config, on_batch=on_batch)
+        images = generate(pipe, captions, config, on_batch=on_batch, **extra)
         seconds = time.perf_counter() - start
+        remove_deep_cache(pipe)
         remove_token_pruning(pipe)
         scores = score_images(images, [s.objects for s in samples])
         rows.append(
@@ -170,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--weights", default=None, help="exported weights folder (default: the package's)")
     parser.add_argument("--checkpoint", default=None, help="evaluate a training run folder's EMA weights instead")
     parser.add_argument("--stock-only", action="store_true", help="only the stock row")
+    parser.add_argument("--speed", action="store_true", help="stock and the speed options (gating, collapse, DeepCache)")
     parser.add_argument("--out", default=None, help="write the markdown table here")
     args = parser.parse_args(argv)
     config = EvalConfig(n=args.n, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed)
@@ -182,6 +213,8 @@ def main(argv: list[str] | None = None) -> None:
 
         pipe = load_toy_pipeline(args.weights)
     settings = DEFAULT_SETTINGS[:1] if args.stock_only else DEFAULT_SETTINGS
+    if args.speed:
+        settings = DEFAULT_SETTINGS[:1] + SPEED_SETTINGS
     start = time.perf_counter()
     table = markdown_table(evaluate(pipe, config, settings=settings))
     header = (
