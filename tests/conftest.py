@@ -25,3 +25,12 @@ def tiny_pipe():
     from tokenprune_diffusers.models import tiny_pipeline
 
     return tiny_pipeline(seed=0)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny tensors: one thread avoids OpenMP spin contention on the shared 2-core CI box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

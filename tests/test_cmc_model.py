@@ -10,14 +10,7 @@ import torch.nn.functional as F
 from cmc_rec.graph import BipartiteGraph, DenoisingView, VariationalView, scatter_softmax
 from cmc_rec.model import ContrastiveMatrixModel, LossConfig
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors: one thread avoids OpenMP spin contention on the shared 2-core CI box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors (tests/conftest.py)
 
 
 def small_graph(n_users=6, n_items=8, n=40, levels=3, seed=0):

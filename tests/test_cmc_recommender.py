@@ -4,19 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from cmc_rec import MeanRecommender, SVDRecommender
 from cmc_rec.data import data_root, load_movielens_100k_split, random_split
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors: one thread avoids OpenMP spin contention on the shared 2-core CI box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors (tests/conftest.py)
 
 
 def low_rank_ratings(n_users=60, n_items=40, rank=3, density=0.5, seed=0):

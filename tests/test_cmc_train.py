@@ -11,14 +11,7 @@ from cmc_rec.data import Ratings, random_split
 from cmc_rec.model import ContrastiveMatrixModel
 from cmc_rec.train import Trainer, atomic_save
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors: one thread avoids OpenMP spin contention on the shared 2-core CI box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors (tests/conftest.py)
 
 
 def low_rank(n_users=50, n_items=30, rank=2, density=0.5, seed=0):

@@ -87,7 +87,7 @@ def test_kv_reuse_notices_an_in_place_change_of_the_prompt_under_inference_mode(
     torch.testing.assert_close(outs[True], outs[False], atol=0, rtol=0)
 
 
-def test_collapsed_rows_get_the_mean_of_negative_and_positive_kept_outputs():
+def test_collapsed_rows_get_the_positive_rows_kept_outputs():
     attn = _layer()
     proc = TokenPruneProcessor(threshold=0.0, warmup=0.0, gate=0.5, num_steps=4)
     attn.set_processor(proc)
@@ -100,8 +100,9 @@ def test_collapsed_rows_get_the_mean_of_negative_and_positive_kept_outputs():
         gated = attn(hidden, encoder_hidden_states=text)  # call 2: gated, same rows
         proc._gen.shape = (4, 77)
     assert proc._gen.gate_start == 2 and torch.equal(gated, kept)
-    mean = proc._kept_output(attn, 2)
-    torch.testing.assert_close(mean, (kept[:2] + kept[2:]) / 2)
+    positive = proc._kept_output(attn, 2)
+    torch.testing.assert_close(positive, kept[2:], rtol=0, atol=0)
+    assert proc._kept_output(attn, 2) is positive  # kept from then on (the negative rows freed)
 
 
 def test_ip_adapter_masks_reach_the_wrapped_processor():

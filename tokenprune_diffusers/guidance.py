@@ -1,10 +1,11 @@
 """Guidance collapse: once cross-attention is gated, run one batch instead of two.
 
 After the gate (``TokenPruneProcessor(gate=...)``) the text reaches the UNet only through the
-cross-attention outputs kept from the last computed call. If each prompt's negative and positive
-rows share one kept output (their mean, as T-GATE does), the two classifier-free-guidance branches
-compute the same thing, so the pipeline can run the positive rows alone: half the UNet work for
-every remaining step. This callback tells the pipeline to do so, through diffusers' own
+cross-attention outputs kept from the last computed call. From then on the pipeline runs the
+positive rows alone, without classifier-free guidance, and each gated layer reuses the positive
+rows' kept output: half the UNet work for every remaining step. (T-GATE gives both branches the mean
+of the negative and positive rows; on the trained toy model that lost much more prompt adherence
+than the positive rows: see docs/toy_model.md.) This callback tells the pipeline to do so, through diffusers' own
 ``callback_on_step_end`` mechanism (as ``diffusers.callbacks.SDCFGCutoffCallback`` does).
 """
 

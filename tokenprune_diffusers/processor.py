@@ -114,8 +114,8 @@ class TokenPruneProcessor:
         gate (float in [0, 1]): from this share of the UNet calls on, skip cross-attention and reuse
             each layer's output of the last computed call (T-GATE, arXiv 2404.02747); approximate.
             With :class:`~tokenprune_diffusers.CollapseGuidance` as the pipeline's
-            ``callback_on_step_end``, the gated calls run one batch instead of two: the kept outputs
-            of each prompt's negative and positive rows are averaged, as T-GATE does.
+            ``callback_on_step_end``, the gated calls run one batch instead of two: each layer reuses
+            the kept output of the positive (prompt) rows.
         score_chunk (int): elements of one probability chunk while scoring (peak memory).
         record_maps (bool, default True): keep per-token spatial maps of the scored calls.
 
@@ -375,7 +375,9 @@ class TokenPruneProcessor:
 
     def _kept_output(self, attn: Attention, batch: int) -> torch.Tensor:
         """The layer's output kept at the last computed call; after guidance collapse (half the
-        rows), the mean of each prompt's negative and positive rows (T-GATE)."""
+        rows), the positive (prompt) rows' outputs. T-GATE averages the negative and positive rows
+        instead; on the trained toy model that cost far more prompt adherence (gate 0.4 + collapse,
+        one-object prompts: 61% all-correct with the mean, 97% with the positive rows, stock 98%)."""
         gen = self._gen
         last = gen.num_calls is not None and gen.call >= gen.num_calls - 1
         out = gen.out.pop(id(attn)) if last else gen.out[id(attn)]  # (2B or B, ...); freed on the last call
@@ -383,10 +385,10 @@ class TokenPruneProcessor:
             return out
         if out.shape[0] != 2 * batch:
             raise RuntimeError(f"gated call with {batch} rows, but {out.shape[0]} rows were kept")
-        mean = (out[:batch] + out[batch:]) / 2  # (B, ...)
+        positive = out[batch:].clone()  # (B, ...): the negative rows come first; the clone frees them
         if not last:
-            gen.out[id(attn)] = mean
-        return mean
+            gen.out[id(attn)] = positive
+        return positive
 
     # ------------------------------------------------------------------ bookkeeping
     @torch.compiler.disable
