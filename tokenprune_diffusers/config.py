@@ -50,24 +50,22 @@ class TokenPruneConfig:
             given = ", ".join(f"{k}={v!r}" for k, v in rules.items())
             raise ValueError(f"give one pruning rule, not several: {given}")
         if self.threshold is not None:
-            _check_unit("threshold", self.threshold)
-        _check_unit("warmup", self.warmup)
+            check_unit("threshold", self.threshold)
+        check_unit("warmup", self.warmup)
         if self.gate is not None:
-            _check_unit("gate", self.gate)
+            check_unit("gate", self.gate)
         if not isinstance(self.reuse_kv, bool):
             raise ValueError(f"reuse_kv must be True or False, got {self.reuse_kv!r}")
         if self.keep_ratio is not None:
-            _check_unit("keep_ratio", self.keep_ratio)
+            check_unit("keep_ratio", self.keep_ratio)
         if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0):
             raise ValueError(f"top_k must be a non-negative int, got {self.top_k!r}")
         if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
             raise ValueError(f"min_tokens must be a non-negative int, got {self.min_tokens!r}")
         if self.padding not in PADDING_POLICIES:
             raise ValueError(f"padding must be one of {PADDING_POLICIES}, got {self.padding!r}")
-        if self.num_steps is not None and (
-            isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1
-        ):
-            raise ValueError(f"num_steps must be a positive int, got {self.num_steps!r}")
+        if self.num_steps is not None:
+            check_positive_int("num_steps", self.num_steps)
         if not isinstance(self.score_chunk, int) or self.score_chunk < 1:
             raise ValueError(f"score_chunk must be a positive int, got {self.score_chunk!r}")
         if self.rule == "threshold" and self.threshold is None:
@@ -103,6 +101,12 @@ class TokenPruneConfig:
         return min(max(start, 1), num_calls)
 
 
-def _check_unit(name: str, value: float) -> None:
+def check_positive_int(name: str, value: int) -> None:
+    """Raise a ValueError naming ``name`` unless ``value`` is an int >= 1 (bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_unit(name: str, value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
         raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")

@@ -26,7 +26,9 @@ from typing import Any
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
+from .config import check_positive_int, check_unit
 from .context import find_pipeline_call
+from .processor import TokenPruneProcessor
 
 __all__ = ["DeepCache", "DeepCacheConfig", "apply_deep_cache", "remove_deep_cache", "get_deep_cache"]
 
@@ -46,16 +48,11 @@ class DeepCacheConfig:
     num_steps: int | None = None  # UNet calls per generation, only for hand-written loops (pipelines report it)
 
     def __post_init__(self) -> None:
-        if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
-            raise ValueError(f"interval must be a positive int, got {self.interval!r}")
-        if isinstance(self.start, bool) or not isinstance(self.start, (int, float)) or not 0.0 <= self.start <= 1.0:
-            raise ValueError(f"start must be a number in [0, 1], got {self.start!r}")
-        if isinstance(self.depth, bool) or not isinstance(self.depth, int) or self.depth < 1:
-            raise ValueError(f"depth must be a positive int, got {self.depth!r}")
-        if self.num_steps is not None and (
-            isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1
-        ):
-            raise ValueError(f"num_steps must be a positive int, got {self.num_steps!r}")
+        check_positive_int("interval", self.interval)
+        check_unit("start", self.start)
+        check_positive_int("depth", self.depth)
+        if self.num_steps is not None:
+            check_positive_int("num_steps", self.num_steps)
 
     def start_call(self, num_calls: int) -> int:
         """Index of the first UNet call that may reuse deep features (call 0 is always full)."""
@@ -107,8 +104,7 @@ class DeepCache:
 
     def begin_generation(self, num_steps: int) -> None:
         """Start a generation in a hand-written loop: ``num_steps`` UNet calls follow."""
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+        check_positive_int("num_steps", num_steps)
         self._pending = num_steps
 
     def reset(self) -> None:
@@ -275,8 +271,6 @@ def apply_deep_cache(
         raise ValueError(
             f"depth must be below the UNet's {len(unet.down_blocks)} levels (something must be reused), got {depth}"
         )
-    from .processor import TokenPruneProcessor
-
     if any(isinstance(p, TokenPruneProcessor) and not p._hooked for p in unet.attn_processors.values()):
         raise ValueError(
             "a TokenPruneProcessor installed with set_attn_processor() counts UNet calls by its cross-attention "

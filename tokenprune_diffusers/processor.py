@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
-from .config import TokenPruneConfig
+from .config import TokenPruneConfig, check_positive_int
 from .context import PipelineCall, find_pipeline_call, token_roles, unknown_roles
 from .report import PruneReport, StepRecord, cross_attention_flops
 from .scoring import (
@@ -190,8 +190,7 @@ class TokenPruneProcessor:
             token_ids: (B, L) token ids of the UNet batch rows, so that start / end-of-text tokens
                 and padding are recognised (optional; without them only position 0 is protected).
         """
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+        check_positive_int("num_steps", num_steps)
         self._pending = (num_steps, token_ids)
         self._seen.clear()
 
