@@ -30,7 +30,7 @@ def _settings(budget: str, model: str | None):
         return [dict(model=model, size=512, steps=20, repeats=5, n_prompts=3, memory=True)]
     return [
         dict(model=model, size=256, steps=20, repeats=3, n_prompts=1, memory=True),
-        dict(model=model, size=512, steps=20, repeats=1, n_prompts=1, memory=False),
+        dict(model=model, size=512, steps=20, repeats=1, n_prompts=1, memory=False, only=tb.LARGE_RUN),
     ]
 
 
@@ -45,7 +45,7 @@ def test_tokenprune_speed(budget, results_dir, request):
         with_tgate = False
     for s in _settings(budget, request.config.getoption("--model")):
         result = tb.run(s["model"], s["size"], s["steps"], s["repeats"], s["n_prompts"], 0, device, dtype,
-                        memory=s["memory"], with_tgate=with_tgate, progress=print)
+                        memory=s["memory"], with_tgate=with_tgate, progress=print, only=s.get("only"))
         md = tb.to_markdown(result, target=TARGET if s["size"] == 256 and device == "cpu" else None)
         print(md)
         stem = results_dir / f"tokenprune_speed_{device}_{s['model'].replace('/', '_')}_{s['size']}"
@@ -54,8 +54,12 @@ def test_tokenprune_speed(budget, results_dir, request):
         rows = {r["config"]: r for r in result["rows"]}
         # the measurement is sound: every configuration ran, stock is its own reference,
         # K/V reuse is exact (same latents with and without it), gating reports its savings
-        assert len(rows) == len(tb.CONFIGS) + with_tgate and all(r["runs"] >= 1 for r in rows.values())
+        expected = len(s["only"]) + 1 if s.get("only") else len(tb.CONFIGS)
+        assert len(rows) == expected + with_tgate and all(r["runs"] >= 1 for r in rows.values())
         assert rows["stock"]["speedup"] == 1.0 and rows["stock"]["latent_rel_l2"] == 0.0
-        assert rows["prune t=0.1 w=0.2, no K/V reuse"]["latent_rel_l2"] == rows["prune t=0.1 w=0.2 (defaults)"]["latent_rel_l2"]
-        assert rows["prune + gate 0.4"]["xattn_flops_saved"] > 0.0
+        if "prune t=0.1 w=0.2, no K/V reuse" in rows:
+            assert rows["prune t=0.1 w=0.2, no K/V reuse"]["latent_rel_l2"] == rows["prune t=0.1 w=0.2 (defaults)"]["latent_rel_l2"]
+        if "prune + gate 0.4" in rows:
+            assert rows["prune + gate 0.4"]["xattn_flops_saved"] > 0.0
+        assert result["ceiling"]["in_loop_gated_batch1_over_batch2"] > 0
         assert 0 < result["ceiling"]["cross_attention_share"] < 1

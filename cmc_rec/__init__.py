@@ -14,6 +14,7 @@ imported inside the functions that need them).
 
 from __future__ import annotations
 
+from .autoencoder import AutoencoderConfig, KernelAutoencoderRecommender
 from .cmc import CMCConfig, CMCRecommender, temperature_sweep
 from .data import (
     ChecksumError,
@@ -34,6 +35,7 @@ from .recommender import BaseRecommender, MeanRecommender, SVDConfig, SVDRecomme
 from .train import TrainConfig, Trainer, TrainResult, atomic_save
 
 __all__ = [
+    "AutoencoderConfig",
     "BaseRecommender",
     "CMCConfig",
     "CMCRecommender",
@@ -42,6 +44,7 @@ __all__ = [
     "DatasetNotFoundError",
     "EvalResult",
     "IdMap",
+    "KernelAutoencoderRecommender",
     "LossConfig",
     "MeanRecommender",
     "Ratings",

@@ -163,13 +163,9 @@ class MeanRecommender(BaseRecommender):
     def _fit(self, u, i, r) -> None:
         self.bu = np.zeros(self.n_users)
         self.bi = np.zeros(self.n_items)
-        if not self.biased:
-            return
-        nu = np.bincount(u, minlength=self.n_users)
-        ni = np.bincount(i, minlength=self.n_items)
-        for _ in range(self.n_iter):
-            self.bi = np.bincount(i, r - self.global_mean - self.bu[u], self.n_items) / (self.reg_item + ni)
-            self.bu = np.bincount(u, r - self.global_mean - self.bi[i], self.n_users) / (self.reg_user + nu)
+        if self.biased:
+            self.bu, self.bi = damped_biases(u, i, r, self.n_users, self.n_items, self.global_mean,
+                                             self.reg_user, self.reg_item, self.n_iter)
 
     def _score(self, u, i):
         return self.global_mean + self.bu[u] + self.bi[i]
@@ -182,6 +178,17 @@ class MeanRecommender(BaseRecommender):
 
     def _item_bias(self, i):
         return self.bi[i]
+
+
+def damped_biases(u, i, r, n_users: int, n_items: int, mu: float, reg_user: float = 15.0, reg_item: float = 10.0,
+                  n_iter: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """User and item biases (U,), (I,) by alternating closed-form updates (Koren 2010)."""
+    bu, bi = np.zeros(n_users), np.zeros(n_items)
+    nu, ni = np.bincount(u, minlength=n_users), np.bincount(i, minlength=n_items)
+    for _ in range(n_iter):
+        bi = np.bincount(i, r - mu - bu[u], n_items) / (reg_item + ni)
+        bu = np.bincount(u, r - mu - bi[i], n_users) / (reg_user + nu)
+    return bu, bi
 
 
 # ----------------------------------------------------------------------------------------------
