@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import Ratings, random_split
+from .data import holdout_indices
 from .recommender import BaseRecommender, damped_biases
 
 __all__ = ["AutoencoderConfig", "KernelAutoencoder", "KernelAutoencoderRecommender"]
@@ -131,12 +131,7 @@ class KernelAutoencoderRecommender(BaseRecommender):
     def _fit(self, u, i, r) -> None:
         c = self.config
         self._bias = damped_biases(u, i, r, self.n_users, self.n_items, self.global_mean)  # fallback
-        idx = np.arange(len(r))
-        if c.val_fraction > 0 and len(r) >= 20:
-            fit_part, val_part = random_split(Ratings(idx, idx, r), c.val_fraction, seed=c.seed)
-            tr, va = fit_part.users, val_part.users
-        else:
-            tr, va = idx, idx[:0]
+        tr, va = holdout_indices(len(r), c.val_fraction, seed=c.seed)
         inputs = self._matrix(u[tr], i[tr], r[tr])  # (I, U) sparse, the training graph
         ti, tu = torch.as_tensor(i[tr]), torch.as_tensor(u[tr])
         target = torch.as_tensor(r[tr])

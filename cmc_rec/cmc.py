@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import Ratings, random_split
+from .data import Ratings, holdout_indices, random_split
 from .metrics import evaluate
 from .model import ContrastiveMatrixModel, LossConfig
 from .recommender import BaseRecommender
@@ -61,12 +61,7 @@ class CMCRecommender(BaseRecommender):
         levels_raw = np.unique(r)
         levels = np.searchsorted(levels_raw, r)  # rating value -> level index
         self.levels = levels_raw
-        idx = np.arange(len(r))
-        if tc.val_fraction > 0 and len(r) >= 20:
-            fit_part, val_part = random_split(Ratings(idx, idx, r), tc.val_fraction, seed=tc.seed)
-            tr, va = fit_part.users, val_part.users
-        else:
-            tr, va = idx, idx[:0]
+        tr, va = holdout_indices(len(r), tc.val_fraction, seed=tc.seed)
         # optional standardisation: the model sees (r - shift) / scale; predictions are mapped back
         self._shift = float(r[tr].mean()) if c.standardize else 0.0
         self._scale = float(r[tr].std()) if c.standardize and r[tr].std() > 0 else 1.0

@@ -241,6 +241,17 @@ def random_split(ratings: Ratings, test_fraction: float = 0.2, seed: int = 0) ->
     return ratings.subset(np.sort(perm[n_test:])), ratings.subset(np.sort(perm[:n_test]))
 
 
+def holdout_indices(n: int, fraction: float, seed: int = 0, min_size: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (fit, validation) of ``n`` training ratings, as :func:`random_split` draws them;
+    no validation part when ``fraction`` is 0 or there are fewer than ``min_size`` ratings."""
+    idx = np.arange(n)
+    if fraction <= 0 or n < min_size:
+        return idx, idx[:0]
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = int(round(n * fraction))
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
 # ----------------------------------------------------------------------------------------------
 # Downloads (for users with internet; the logic below is tested on local files)
 # ----------------------------------------------------------------------------------------------
