@@ -235,15 +235,13 @@ def random_split(ratings: Ratings, test_fraction: float = 0.2, seed: int = 0) ->
     """Seeded uniform split of the rating events (``numpy.random.Generator``, no global RNG)."""
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    n = len(ratings)
-    perm = np.random.default_rng(seed).permutation(n)
-    n_test = int(round(n * test_fraction))
-    return ratings.subset(np.sort(perm[n_test:])), ratings.subset(np.sort(perm[:n_test]))
+    keep, test = holdout_indices(len(ratings), test_fraction, seed=seed, min_size=0)
+    return ratings.subset(keep), ratings.subset(test)
 
 
 def holdout_indices(n: int, fraction: float, seed: int = 0, min_size: int = 20) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (fit, validation) of ``n`` training ratings, as :func:`random_split` draws them;
-    no validation part when ``fraction`` is 0 or there are fewer than ``min_size`` ratings."""
+    """Sorted indices (fit, held out) of ``n`` ratings, a seeded share ``fraction`` held out (the draw
+    behind :func:`random_split`); nothing held out when ``fraction`` is 0 or ``n < min_size``."""
     idx = np.arange(n)
     if fraction <= 0 or n < min_size:
         return idx, idx[:0]
