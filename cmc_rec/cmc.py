@@ -7,6 +7,13 @@ stopping on validation RMSE, and keeps the best epoch.  ``predict`` uses the rat
 InfoNCE trains), by predicted rating (``rank_by="rating"``), or by default by their blend
 ``cosine + blend_weight * r_hat``.  ``blend_weight = 0.1`` was picked on a validation split carved
 from ML-100K u1.base (seed 123; never a test set): Recall@10 0.070 (cosine) -> 0.106 (blend).
+
+Optional second rating head (``CMCConfig.autoencoder``): a kernelised item autoencoder
+(:mod:`cmc_rec.autoencoder`, whose first layer is a rating-weighted message pass over the same
+training graph) is fitted on the same training part, and ``predict`` returns
+``w0 + w1 * r_graph + w2 * r_autoencoder`` with the three weights fitted by least squares on the
+validation split (the one early stopping uses; the test set is never seen).  ``recommend`` is
+unchanged by it (it ranks with the graph model's scores).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .autoencoder import AutoencoderConfig, KernelAutoencoderRecommender
 from .data import Ratings, holdout_indices, random_split
 from .metrics import evaluate
 from .model import ContrastiveMatrixModel, LossConfig
@@ -37,6 +45,7 @@ class CMCConfig:
     standardize: bool = False  # train on (r - mean) / std: makes l2 etc. scale-free (e.g. YahooMusic's 1-100)
     rank_by: str = "blend"  # recommend() score: "preference" (InfoNCE cosine), "rating", or "blend" of both
     blend_weight: float = 0.1  # blend = cosine + blend_weight * predicted rating (chosen on a validation split)
+    autoencoder: AutoencoderConfig | None = None  # second rating head, blended on validation (None: graph head only)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -82,12 +91,35 @@ class CMCRecommender(BaseRecommender):
         self._z = self.model.embeddings()  # (N, D) cached for inference
         self._bu = self.model.user_bias.weight.detach().squeeze(1)  # (U,)
         self._bi = self.model.item_bias.weight.detach().squeeze(1)  # (I,)
+        self.autoencoder, self.head_weights = None, None
+        if c.autoencoder is not None:
+            self._fit_autoencoder_head(u, i, r, tr, va)
+
+    def _fit_autoencoder_head(self, u, i, r, tr, va) -> None:
+        """Fit the autoencoder on the training part; blend weights by least squares on validation."""
+        # the autoencoder's "raw" ids are this model's indices; users / items seen only in the
+        # validation part are unknown to it and get its documented bias fallback
+        self.autoencoder = KernelAutoencoderRecommender(self.config.autoencoder).fit(np.stack([u[tr], i[tr], r[tr]], 1))
+        if len(va) == 0:  # nothing to fit the weights on: plain average of the two heads
+            self.head_weights = np.array([0.0, 0.5, 0.5])
+            return
+        graph = self._graph_rating(u[va], i[va])  # (V,)
+        ae = self.autoencoder.predict(u[va], i[va]).astype(np.float64)  # (V,)
+        x = np.stack([np.ones(len(va)), graph, ae], 1)  # (V, 3)
+        self.head_weights = np.linalg.lstsq(x, r[va].astype(np.float64), rcond=None)[0]  # (3,)
 
     # -- scoring ------------------------------------------------------------------------------
-    def _score(self, u, i):
+    def _graph_rating(self, u, i) -> np.ndarray:
         with torch.no_grad():
             pred = self.model.rating(self._z, torch.as_tensor(u), torch.as_tensor(i)).numpy()
-        return pred * self._scale + self._shift
+        return pred.astype(np.float64) * self._scale + self._shift  # rating units
+
+    def _score(self, u, i):
+        graph = self._graph_rating(u, i)
+        if self.autoencoder is None:
+            return graph
+        w0, w1, w2 = self.head_weights
+        return w0 + w1 * graph + w2 * self.autoencoder.predict(u, i)
 
     def _score_all(self, u):
         zu = self._z[torch.as_tensor(u)]  # (B, D)

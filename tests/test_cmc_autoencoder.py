@@ -76,3 +76,18 @@ def test_seeded_and_api_contract():
 def test_config_rejects_bad_values(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         AutoencoderConfig(**bad)
+
+
+def test_ensemble_averages_members_fitted_with_consecutive_seeds():
+    data = low_rank_ratings()
+    single = {**SMALL, "epochs": 3}
+    a = KernelAutoencoderRecommender(AutoencoderConfig(**single, seed=0)).fit(data)
+    b = KernelAutoencoderRecommender(AutoencoderConfig(**single, seed=1)).fit(data)
+    ens = KernelAutoencoderRecommender(AutoencoderConfig(**single, ensemble=2, seed=0)).fit(data)
+    users, items = data[:30, 0], data[:30, 1]
+    pa, pb = a.predict(users, items), b.predict(users, items)
+    assert not np.allclose(pa, pb)  # the members differ (seeded init and validation carve)
+    assert np.allclose(ens.predict(users, items), (pa + pb) / 2, atol=1e-5)
+    assert len(ens.members) == 2 and ens.val_rmse == pytest.approx((a.val_rmse + b.val_rmse) / 2)
+    with pytest.raises(ValueError, match="ensemble"):
+        AutoencoderConfig(ensemble=0)

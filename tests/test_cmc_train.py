@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -136,3 +138,24 @@ def test_standardize_makes_training_scale_free():
     pa, pb = a.predict(data[:30, 0], data[:30, 1]), b.predict(data[:30, 0], data[:30, 1])
     assert np.allclose(pb, 20.0 * pa, rtol=1e-4, atol=1e-3)
     assert np.array_equal(a.recommend(data[:5, 0], k=3)[0], b.recommend(data[:5, 0], k=3)[0])
+
+
+def test_autoencoder_rating_head_blends_on_validation_and_keeps_ranking():
+    from cmc_rec import AutoencoderConfig
+
+    train, test = random_split(Ratings.from_any(low_rank()), 0.2, seed=0)
+    plain = CMCRecommender(small_config()).fit(train)
+    ae_cfg = AutoencoderConfig(hidden=16, num_hidden_layers=1, l2=1.0, kernel_l2=0.01, epochs=10, patience=10)
+    hybrid = CMCRecommender(dataclasses.replace(small_config(), autoencoder=ae_cfg)).fit(train)
+    w0, w1, w2 = hybrid.head_weights  # fitted on CMC's validation split
+    u, i = hybrid.user_map.to_index(test.users), hybrid.item_map.to_index(test.items)
+    known = (u >= 0) & (i >= 0)
+    graph = plain.predict(test.users, test.items)[known]  # same seed: the same graph model
+    ae = hybrid.autoencoder.predict(u[known], i[known])
+    expected = np.clip(w0 + w1 * graph + w2 * ae, 1, 5)
+    assert np.allclose(hybrid.predict(test.users, test.items)[known], expected, atol=1e-4)
+    rmse = lambda p: np.sqrt(np.mean((p - test.ratings[known]) ** 2))  # noqa: E731
+    assert rmse(hybrid.predict(test.users, test.items)[known]) < rmse(graph)
+    ids_p, _ = plain.recommend(test.users[:5], k=5)
+    ids_h, _ = hybrid.recommend(test.users[:5], k=5)
+    assert np.array_equal(ids_p, ids_h)  # recommend() ranks with the graph model only
