@@ -12,7 +12,9 @@ global-kernel fine-tuning is not implemented), trained full-batch with L-BFGS as
 
 Unlike the public GLocal-K code, which keeps the epoch with the lowest *test* RMSE, ``fit`` keeps
 the epoch with the lowest RMSE on a seeded validation split carved out of the training ratings.
-Memory: the output layer is evaluated densely, (items x users) floats (ML-1M: 22 M).
+Ratings are divided by ``(max - min) / 4`` before training (1 on a 1-5 scale), so the two L2
+weights mean the same on YahooMusic's 1-100.  Memory: the output layer is evaluated densely,
+(items x users) floats (ML-1M: 22 M).
 """
 
 from __future__ import annotations
@@ -133,8 +135,8 @@ class KernelAutoencoderRecommender(BaseRecommender):
 
     @property
     def val_rmse(self) -> float:
-        """Mean over members of each one's best validation RMSE (nan without a validation carve)."""
-        return float(np.mean([m.val_rmse for m in self.members]))
+        """Mean over members of each one's best validation RMSE, in rating units (nan without a carve)."""
+        return float(np.mean([m.val_rmse for m in self.members])) * self._scale
 
     @property
     def best_epoch(self) -> int:  # first member's (the one a single-model fit has)
@@ -152,7 +154,11 @@ class KernelAutoencoderRecommender(BaseRecommender):
     def _fit(self, u, i, r) -> None:
         c = self.config
         self._bias = damped_biases(u, i, r, self.n_users, self.n_items, self.global_mean)  # fallback
-        self.members = [self._fit_member(u, i, r, c.seed + k) for k in range(c.ensemble)]
+        # the networks see r / scale: 1 on a 1-5 scale, so l2 / kernel_l2 keep their meaning on
+        # other scales (YahooMusic's 1-100: 24.75); predictions are multiplied back
+        lo, hi = self.rating_range
+        self._scale = (hi - lo) / 4.0 if hi > lo else 1.0
+        self.members = [self._fit_member(u, i, r / self._scale, c.seed + k) for k in range(c.ensemble)]
 
     def _fit_member(self, u, i, r, seed: int) -> _Member:
         c = dataclasses.replace(self.config, seed=seed)
@@ -161,7 +167,7 @@ class KernelAutoencoderRecommender(BaseRecommender):
         ti, tu = torch.as_tensor(i[tr]), torch.as_tensor(u[tr])
         target = torch.as_tensor(r[tr])
         vi, vu, vr = torch.as_tensor(i[va]), torch.as_tensor(u[va]), torch.as_tensor(r[va])
-        lo, hi = self.rating_range
+        lo, hi = (x / self._scale for x in self.rating_range)
         model = KernelAutoencoder(self.n_users, c)
         opt = torch.optim.LBFGS(model.parameters(), max_iter=c.iters_per_epoch, history_size=10,
                                 line_search_fn="strong_wolfe")
@@ -200,11 +206,13 @@ class KernelAutoencoderRecommender(BaseRecommender):
 
     def _score(self, u, i):
         u, i = torch.as_tensor(u), torch.as_tensor(i)
-        return np.mean([((m.codes[i] * m.out_w[:, u].T).sum(1) + m.bias[u]).numpy() for m in self.members], 0)
+        scores = [((m.codes[i] * m.out_w[:, u].T).sum(1) + m.bias[u]).numpy() for m in self.members]  # (n,) each
+        return np.mean(scores, 0) * self._scale
 
     def _score_all(self, u):
         u = torch.as_tensor(u)
-        return np.mean([(m.codes @ m.out_w[:, u] + m.bias[u]).T.numpy() for m in self.members], 0)  # (B, I)
+        scores = [(m.codes @ m.out_w[:, u] + m.bias[u]).T.numpy() for m in self.members]  # (B, I) each
+        return np.mean(scores, 0) * self._scale
 
     def _user_bias(self, u):
         return self._bias[0][u]
@@ -220,6 +228,6 @@ class _Member:
     codes: torch.Tensor  # (I, H)
     out_w: torch.Tensor  # (H, U) effective (kernel-masked) decoder weight
     bias: torch.Tensor  # (U,)
-    val_rmse: float  # best validation RMSE (nan without a validation carve)
+    val_rmse: float  # best validation RMSE, in units of r / scale (nan without a validation carve)
     best_epoch: int
     history: list[float]  # validation RMSE after each epoch

@@ -91,3 +91,17 @@ def test_ensemble_averages_members_fitted_with_consecutive_seeds():
     assert len(ens.members) == 2 and ens.val_rmse == pytest.approx((a.val_rmse + b.val_rmse) / 2)
     with pytest.raises(ValueError, match="ensemble"):
         AutoencoderConfig(ensemble=0)
+
+
+def test_rating_scale_does_not_change_the_fit():
+    """Ratings 20x larger (20-100) train the same networks as 1-5: the regularisers keep their meaning."""
+    data = low_rank_ratings()
+    wide = data.copy()
+    wide[:, 2] = data[:, 2] * 20
+    cfg = AutoencoderConfig(**{**SMALL, "epochs": 3})
+    a = KernelAutoencoderRecommender(cfg).fit(data)
+    b = KernelAutoencoderRecommender(cfg).fit(wide)
+    assert a._scale == 1.0 and b._scale == 20.0
+    pa, pb = a.predict(data[:30, 0], data[:30, 1]), b.predict(data[:30, 0], data[:30, 1])
+    assert np.allclose(pb, 20 * pa, rtol=1e-4)
+    assert b.val_rmse == pytest.approx(20 * a.val_rmse, rel=1e-4)
