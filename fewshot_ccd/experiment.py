@@ -40,6 +40,7 @@ def build_model(
     seed: int = 0,
     num_heads: int = 8,
     contrastive_weight: float = 0.0,
+    scale_init: float = 1e-2,
 ) -> FewShotClassifier:
     """ProtoNet or CCD with a Conv-4 (64-d on 28x28) or ResNet-12 (640-d) backbone.
 
@@ -58,7 +59,7 @@ def build_model(
         if method == "protonet":
             return ProtoNet(net)
         module = ClassDependencyModule.blog_qkv(dim) if method == "ccd_qkv" else ClassDependencyModule(
-            dim, num_heads=num_heads)
+            dim, num_heads=num_heads, scale_init=scale_init)
         return CCDNet(net, module, contrastive_weight=contrastive_weight)
 
 
@@ -79,6 +80,7 @@ class ExperimentConfig:
     eval_seed: int = 2024  # evaluation episodes (the same for every method)
     num_heads: int = 8  # CCD attention heads
     contrastive_weight: float = 0.0  # FEAT's regulariser (CCD only)
+    scale_init: float = 1e-2  # CCD's task-adaptive scale at initialisation (near the identity)
     root: str | None = None  # data root (None: env vars, then ../shared/data)
     max_classes: int | None = None  # use only the first characters of each set (smoke runs)
     threads: int | None = None  # torch.set_num_threads (None: leave)
@@ -95,7 +97,7 @@ def run_omniglot(cfg: ExperimentConfig) -> dict:
     runs = load_lake_runs(cfg.root)
     load_s = time.perf_counter() - t0
     model = build_model(cfg.method, seed=cfg.seed, num_heads=cfg.num_heads,
-                        contrastive_weight=cfg.contrastive_weight)
+                        contrastive_weight=cfg.contrastive_weight, scale_init=cfg.scale_init)
     train = meta_train(model, train_set, TrainConfig(
         n_way=cfg.n_way, n_shot=cfg.n_shot, n_query=cfg.n_query, steps=cfg.steps, lr=cfg.lr,
         lr_decay_every=cfg.lr_decay_every, seed=cfg.seed, progress=cfg.progress,
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("steps", "n_way", "n_shot", "n_query", "lr_decay_every", "seed", "eval_episodes",
                  "eval_query", "eval_seed", "num_heads", "threads", "max_classes"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
-    for name in ("lr", "contrastive_weight"):
+    for name in ("lr", "contrastive_weight", "scale_init"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
     parser.add_argument("--root", default=None, help="data root holding omniglot/")
     parser.add_argument("--no-progress", action="store_true")

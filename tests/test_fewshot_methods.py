@@ -156,3 +156,8 @@ def test_build_model_shares_the_backbone_init_across_methods():
     assert qkv.dependency.config.num_heads == 1 and not qkv.dependency.config.residual
     with pytest.raises(ValueError, match="method"):
         build_model("maml")
+    strong = build_model("ccd", seed=3, scale_init=0.5)  # the experiment's --scale-init
+    assert float(strong.dependency.alpha.detach()) == pytest.approx(0.5)
+    assert float(ccd.dependency.alpha.detach()) == pytest.approx(0.01)
+    with pytest.raises(ValueError, match="scale_init"):
+        build_model("ccd", scale_init=0.0)
