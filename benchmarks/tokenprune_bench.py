@@ -378,13 +378,19 @@ def environment() -> dict:
     return env
 
 
+def _collapse_bound(r: float, gate_share: float = 0.0) -> float:
+    """Speed-up bound of gating + collapse when a gated batch-1 call costs ``r`` of a batch-2 call
+    and the first ``gate_share`` of the steps still run at batch 2."""
+    return 1 / (gate_share + (1 - gate_share) * r)
+
+
 def _in_loop_sentence(c: dict) -> str:
     r = c.get("in_loop_gated_batch1_over_batch2")
     if r is None:
         return ""
     return (f"Inside the timed loops a gated batch-1 call (after the collapse, cross-attention skipped) took "
             f"{100 * r:.0f}% of a stock batch-2 call (medians over every call), which bounds gating + collapse at "
-            f"{1 / r:.2f}x from the first step and {1 / (0.1 + 0.9 * r):.2f}x with the gate at 10% of the steps. ")
+            f"{_collapse_bound(r):.2f}x from the first step and {_collapse_bound(r, 0.1):.2f}x with the gate at 10% of the steps. ")
 
 
 def to_markdown(result: dict, target: float | None = None) -> str:
@@ -417,8 +423,8 @@ def to_markdown(result: dict, target: float | None = None) -> str:
         f"({100 * gain / max(c['max_pruning_speedup'] - 1, 1e-9):.0f}% of that ceiling).",
         "",
         f"Guidance collapse: one UNet call at batch 1 costs {100 * c['batch1_over_batch2']:.0f}% of a batch-2 (CFG) call "
-        f"here, so gating + collapse from the very first step could give at most {1 / c['batch1_over_batch2']:.2f}x; "
-        f"with the gate at 10% of the steps at most {1 / (0.1 + 0.9 * c['batch1_over_batch2']):.2f}x (calls timed "
+        f"here, so gating + collapse from the very first step could give at most {_collapse_bound(c['batch1_over_batch2']):.2f}x; "
+        f"with the gate at 10% of the steps at most {_collapse_bound(c['batch1_over_batch2'], 0.1):.2f}x (calls timed "
         "alone). " + _in_loop_sentence(c) + "A batch-1 call that reuses the deep features (DeepCache, depth 1) costs "
         f"{100 * c['cached_batch1_over_batch2']:.0f}% of a batch-2 call.",
         "",

@@ -99,7 +99,7 @@ class CMCRecommender(BaseRecommender):
         """Fit the autoencoder on the training part; blend weights by least squares on validation."""
         # the autoencoder's "raw" ids are this model's indices; users / items seen only in the
         # validation part are unknown to it and get its documented bias fallback
-        self.autoencoder = KernelAutoencoderRecommender(self.config.autoencoder).fit(np.stack([u[tr], i[tr], r[tr]], 1))
+        self.autoencoder = KernelAutoencoderRecommender(self.config.autoencoder).fit(Ratings(u[tr], i[tr], r[tr]))
         if len(va) == 0:  # nothing to fit the weights on: plain average of the two heads
             self.head_weights = np.array([0.0, 0.5, 0.5])
             return
