@@ -4,6 +4,7 @@
                                                                        # 1-shot episodes per model
     pytest benchmarks/test_fewshot_omniglot.py --benchmark-smoke -s   # tiny budget, < 1 minute
     FEWSHOT_CCD_BENCH_STEPS=400 pytest benchmarks/... --benchmark -s  # reduced training budget
+    FEWSHOT_CCD_BENCH_DISTANCE=euclidean_unsquared pytest ...          # easyfsl's distance for both
 
 Each model trains in its own single-threaded subprocess (``python -m fewshot_ccd.experiment``); the
 two run side by side, so both see the same machine load and the peak resident memory of each is its
@@ -46,6 +47,7 @@ REFERENCE_ISSUE = {
     "2019 progress report, ProtoNet 'around' (20 runs error %)": {"lake_error": 13.7},
 }
 SETTINGS = ("5way1shot", "5way5shot", "20way1shot", "20way5shot")
+DISTANCES = ("euclidean", "euclidean_unsquared")  # squared (Snell et al.) | unsquared (easyfsl)
 
 
 def _budget(budget: str) -> dict:
@@ -60,6 +62,9 @@ def _budget(budget: str) -> dict:
         if os.environ.get("FEWSHOT_CCD_BENCH_EVAL_EPISODES"):
             b["eval_episodes"] = int(os.environ["FEWSHOT_CCD_BENCH_EVAL_EPISODES"])
     b.update(n_shot=1, n_query=5, seed=0, eval_seed=2024, eval_query=15, threads=1)
+    b["distance"] = os.environ.get("FEWSHOT_CCD_BENCH_DISTANCE", "euclidean")
+    if b["distance"] not in DISTANCES:
+        raise ValueError(f"FEWSHOT_CCD_BENCH_DISTANCE must be one of {DISTANCES}, got {b['distance']!r}")
     return b
 
 
@@ -68,7 +73,7 @@ def _command(method: str, b: dict, data_root: Path, out: Path) -> list[str]:
            "--n-way", str(b["n_way"]), "--n-shot", str(b["n_shot"]), "--n-query", str(b["n_query"]),
            "--seed", str(b["seed"]), "--eval-episodes", str(b["eval_episodes"]), "--eval-seed",
            str(b["eval_seed"]), "--eval-query", str(b["eval_query"]), "--threads", str(b["threads"]),
-           "--root", str(data_root), "--no-progress", "--out", str(out)]
+           "--distance", b["distance"], "--root", str(data_root), "--no-progress", "--out", str(out)]
     if b["max_classes"] is not None:
         cmd += ["--max-classes", str(b["max_classes"])]
     return cmd
@@ -96,7 +101,7 @@ def _interleaved_step_ms(b: dict, data_root: Path) -> dict:
     sampler = EpisodeSampler(data.labels, n_way=b["n_way"], n_shot=b["n_shot"], n_query=b["n_query"],
                              episodes=b["timing_rounds"] + 2, seed=123)
     collate = EpisodeCollate(b["n_way"], b["n_shot"], b["n_query"])
-    models = {m: build_model(m, seed=b["seed"]).to(memory_format=torch.channels_last) for m in METHODS}
+    models = {m: build_model(m, seed=b["seed"], distance=b["distance"]).to(memory_format=torch.channels_last) for m in METHODS}
     opts = {m: torch.optim.Adam(models[m].parameters(), lr=1e-3) for m in METHODS}
     times: dict[str, list[float]] = {m: [] for m in METHODS}
     saved_mb: dict[str, float] = {}
@@ -157,7 +162,7 @@ def _markdown(b: dict, res: dict, timing: dict, targets: list, env: dict, comman
         f"Command: `{command}`  ",
         f"Budget: **{b['name']}**: {b['steps']} training episodes of {b['n_way']}-way {b['n_shot']}-shot "
         f"{b['n_query']}-query on the background set with rotations (Adam 1e-3, halved every 2000); "
-        f"Conv-4 backbone for both; evaluation on {b['eval_episodes']} seeded episodes per setting "
+        f"Conv-4 backbone for both, {b['distance']} distance; evaluation on {b['eval_episodes']} seeded episodes per setting "
         f"(seed {b['eval_seed']}, {b['eval_query']} queries per class, evaluation alphabets), the same "
         f"episodes for both models; model/training seed {b['seed']}.  ",
         f"Machine: {env['processor']}, {env['cpu_count']} CPUs (shared), torch threads {b['threads']}, "
@@ -233,9 +238,11 @@ def test_omniglot_protonet_vs_ccd(budget: str, data_root: Path, results_dir: Pat
     timing = _interleaved_step_ms(b, data_root)
     targets = _targets(res, timing)
     env = environment() | {"torch_threads": b["threads"]}
-    suffix = "" if budget == "full" else "_smoke"
+    suffix = ("" if b["distance"] == "euclidean" else f"_{b['distance']}") + ("" if budget == "full" else "_smoke")
     flag = "--benchmark" if budget == "full" else "--benchmark-smoke"
     prefix = f"FEWSHOT_CCD_BENCH_STEPS={b['steps']} " if b["name"].startswith("reduced") else ""
+    if b["distance"] != "euclidean":
+        prefix += f"FEWSHOT_CCD_BENCH_DISTANCE={b['distance']} "
     command = f"{prefix}pytest benchmarks/test_fewshot_omniglot.py {flag} -s"
     md = _markdown(b, res, timing, targets, env, command)
     print("\n" + md)
@@ -244,7 +251,8 @@ def test_omniglot_protonet_vs_ccd(budget: str, data_root: Path, results_dir: Pat
                "targets": [{"target": t, "met": ok, "measured": m} for t, ok, m in targets],
                "claimed_blog": CLAIMED_BLOG, "reference_as_cited_in_issue": REFERENCE_ISSUE}
     (results_dir / f"fewshot_omniglot{suffix}.json").write_text(json.dumps(payload, indent=2))
-    _plot(res, results_dir / f"fewshot_omniglot{suffix}.png", f"Omniglot, Conv-4, {b['name']} budget")
+    _plot(res, results_dir / f"fewshot_omniglot{suffix}.png",
+          f"Omniglot, Conv-4, {b['distance']}, {b['name']} budget")
 
     for m in METHODS:  # sanity: trained models are far above chance on every setting
         for s in SETTINGS:

@@ -13,11 +13,15 @@ Optional second rating head (``CMCConfig.autoencoder``): a kernelised item autoe
 training graph) is fitted on the same training part, and ``predict`` returns
 ``w0 + w1 * r_graph + w2 * r_autoencoder`` with the three weights fitted by least squares on the
 validation split (the one early stopping uses; the test set is never seen).  ``recommend`` is
-unchanged by it (it ranks with the graph model's scores).
+unchanged by it (it ranks with the graph model's scores).  ``graph_head()`` returns the fitted graph
+model alone as a recommender, without refitting it.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -67,6 +71,7 @@ class CMCRecommender(BaseRecommender):
 
     def _fit(self, u, i, r) -> None:
         c, tc = self.config, self.config.train
+        start = time.perf_counter()
         levels_raw = np.unique(r)
         levels = np.searchsorted(levels_raw, r)  # rating value -> level index
         self.levels = levels_raw
@@ -92,8 +97,25 @@ class CMCRecommender(BaseRecommender):
         self._bu = self.model.user_bias.weight.detach().squeeze(1)  # (U,)
         self._bi = self.model.item_bias.weight.detach().squeeze(1)  # (I,)
         self.autoencoder, self.head_weights = None, None
+        self.timings = {"graph": time.perf_counter() - start}  # seconds, per head
         if c.autoencoder is not None:
+            start = time.perf_counter()
             self._fit_autoencoder_head(u, i, r, tr, va)
+            self.timings["autoencoder"] = time.perf_counter() - start
+
+    def graph_head(self) -> CMCRecommender:
+        """The fitted graph model alone (its MSE rating head), as a recommender; nothing is refitted.
+
+        The graph model is trained before the autoencoder head and does not depend on it, so this
+        predicts exactly what ``CMCRecommender`` without ``config.autoencoder`` gives at the same
+        seed.  The returned recommender shares the fitted weights with this one.
+        """
+        self._require_fitted()
+        head = copy.copy(self)
+        head.config = dataclasses.replace(self.config, autoencoder=None)
+        head.autoencoder, head.head_weights = None, None
+        head.timings = {"graph": self.timings["graph"]}
+        return head
 
     def _fit_autoencoder_head(self, u, i, r, tr, va) -> None:
         """Fit the autoencoder on the training part; blend weights by least squares on validation."""

@@ -41,6 +41,7 @@ def build_model(
     num_heads: int = 8,
     contrastive_weight: float = 0.0,
     scale_init: float = 1e-2,
+    distance: str = "euclidean",
 ) -> FewShotClassifier:
     """ProtoNet or CCD with a Conv-4 (64-d on 28x28) or ResNet-12 (640-d) backbone.
 
@@ -57,10 +58,10 @@ def build_model(
         dim = 64 if backbone == "conv4" else net.out_dim
         torch.manual_seed(seed + 1)
         if method == "protonet":
-            return ProtoNet(net)
+            return ProtoNet(net, distance=distance)
         module = ClassDependencyModule.blog_qkv(dim) if method == "ccd_qkv" else ClassDependencyModule(
             dim, num_heads=num_heads, scale_init=scale_init)
-        return CCDNet(net, module, contrastive_weight=contrastive_weight)
+        return CCDNet(net, module, distance=distance, contrastive_weight=contrastive_weight)
 
 
 @dataclass
@@ -81,6 +82,7 @@ class ExperimentConfig:
     num_heads: int = 8  # CCD attention heads
     contrastive_weight: float = 0.0  # FEAT's regulariser (CCD only)
     scale_init: float = 1e-2  # CCD's task-adaptive scale at initialisation (near the identity)
+    distance: str = "euclidean"  # "euclidean" (squared, Snell et al.) | "euclidean_unsquared" (easyfsl) | "cosine"
     root: str | None = None  # data root (None: env vars, then ../shared/data)
     max_classes: int | None = None  # use only the first characters of each set (smoke runs)
     threads: int | None = None  # torch.set_num_threads (None: leave)
@@ -97,7 +99,8 @@ def run_omniglot(cfg: ExperimentConfig) -> dict:
     runs = load_lake_runs(cfg.root)
     load_s = time.perf_counter() - t0
     model = build_model(cfg.method, seed=cfg.seed, num_heads=cfg.num_heads,
-                        contrastive_weight=cfg.contrastive_weight, scale_init=cfg.scale_init)
+                        contrastive_weight=cfg.contrastive_weight, scale_init=cfg.scale_init,
+                        distance=cfg.distance)
     train = meta_train(model, train_set, TrainConfig(
         n_way=cfg.n_way, n_shot=cfg.n_shot, n_query=cfg.n_query, steps=cfg.steps, lr=cfg.lr,
         lr_decay_every=cfg.lr_decay_every, seed=cfg.seed, progress=cfg.progress,
@@ -150,6 +153,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     for name in ("lr", "contrastive_weight", "scale_init"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
+    parser.add_argument("--distance", choices=("euclidean", "euclidean_unsquared", "cosine"),
+                        default=defaults.distance)
     parser.add_argument("--root", default=None, help="data root holding omniglot/")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--out", default=None, help="write the result as JSON here")

@@ -159,3 +159,11 @@ def test_autoencoder_rating_head_blends_on_validation_and_keeps_ranking():
     ids_p, _ = plain.recommend(test.users[:5], k=5)
     ids_h, _ = hybrid.recommend(test.users[:5], k=5)
     assert np.array_equal(ids_p, ids_h)  # recommend() ranks with the graph model only
+    # graph_head(): the hybrid's graph model alone is the plain model, without a refit
+    head = hybrid.graph_head()
+    assert head.autoencoder is None and head.config.autoencoder is None and hybrid.autoencoder is not None
+    assert np.array_equal(head.predict(test.users, test.items), plain.predict(test.users, test.items))
+    assert np.array_equal(head.recommend(test.users[:5], k=5)[0], ids_p)
+    assert set(hybrid.timings) == {"graph", "autoencoder"} and set(head.timings) == {"graph"}
+    with pytest.raises(RuntimeError, match="not fitted"):
+        CMCRecommender(small_config()).graph_head()

@@ -35,6 +35,16 @@ def test_protonet_logits_are_negative_squared_distances_over_temperature():
     torch.testing.assert_close(model(support, s_labels, query), expected, rtol=1e-4, atol=1e-3)
 
 
+def test_protonet_unsquared_euclidean_is_easyfsls_cdist():
+    support, s_labels, query, _ = _episode()
+    protos = torch.stack([support.flatten(1)[s_labels == c].mean(0) for c in range(4)])
+    expected = -((query.flatten(1)[:, None] - protos[None]) ** 2).sum(-1).sqrt() / 2.0
+    model = ProtoNet(Flat(), distance="euclidean_unsquared", temperature=2.0)
+    torch.testing.assert_close(model(support, s_labels, query), expected, rtol=1e-4, atol=1e-4)
+    ccd = CCDNet(Flat(), ClassDependencyModule(6, num_heads=2), distance="euclidean_unsquared")
+    assert ccd(support, s_labels, query).shape == (len(query), 4)
+
+
 def test_protonet_cosine():
     support, s_labels, query, q_labels = _episode()
     model = ProtoNet(Flat(), distance="cosine", temperature=0.1)
@@ -161,3 +171,6 @@ def test_build_model_shares_the_backbone_init_across_methods():
     assert float(ccd.dependency.alpha.detach()) == pytest.approx(0.01)
     with pytest.raises(ValueError, match="scale_init"):
         build_model("ccd", scale_init=0.0)
+    assert proto.distance == ccd.distance == "euclidean"  # Snell et al.'s squared distance by default
+    assert {build_model(m, distance="euclidean_unsquared").distance for m in ("protonet", "ccd")} == {
+        "euclidean_unsquared"}

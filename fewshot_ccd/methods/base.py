@@ -17,7 +17,7 @@ from torch import nn
 
 __all__ = ["FewShotClassifier", "check_support_labels"]
 
-_DISTANCES = ("euclidean", "cosine")
+_DISTANCES = ("euclidean", "euclidean_unsquared", "cosine")
 
 
 def check_support_labels(support_labels: torch.Tensor, n_support: int) -> int:
@@ -46,7 +46,9 @@ class FewShotClassifier(nn.Module):
 
     Args:
         backbone: ``nn.Module`` mapping images ``(B, C, H, W)`` to features ``(B, D)``.
-        distance: ``"euclidean"`` (negative squared distance, Snell et al. 2017) or ``"cosine"``.
+        distance: ``"euclidean"`` (negative squared distance, Snell et al. 2017),
+            ``"euclidean_unsquared"`` (negative distance, as easyfsl's ``PrototypicalNetworks``
+            computes it with ``torch.cdist``) or ``"cosine"``.
         temperature: logits are divided by it (1 for Snell et al.'s Euclidean ProtoNet; cosine
             similarities are usually divided by a small value such as 0.1).
         learn_temperature: make the temperature a learned parameter (stored as its log).
@@ -117,6 +119,8 @@ class FewShotClassifier(nn.Module):
         """``(Q, D), (N, D) -> logits (Q, N)``, divided by the temperature."""
         if self.distance == "euclidean":
             logits = -torch.cdist(query_feats.float(), prototypes.float()).pow(2)  # (Q, N)
+        elif self.distance == "euclidean_unsquared":
+            logits = -torch.cdist(query_feats.float(), prototypes.float())  # (Q, N)
         else:
             logits = F.normalize(query_feats.float(), dim=-1) @ F.normalize(prototypes.float(), dim=-1).T
         return logits / self.log_temperature.exp()

@@ -22,7 +22,7 @@ class CCDNet(FewShotClassifier):
     Args:
         backbone: ``nn.Module`` mapping images ``(B, C, H, W)`` to features ``(B, D)``.
         dependency: a :class:`ClassDependencyModule` of dimension D (refines prototypes ``(N, D)``).
-        distance: ``"euclidean"`` or ``"cosine"``.
+        distance: ``"euclidean"`` (squared), ``"euclidean_unsquared"`` or ``"cosine"``.
         temperature: logits are divided by it.
         learn_temperature: learn the temperature.
         contrastive_weight: weight of FEAT's regulariser (0 disables it).  Each class's support

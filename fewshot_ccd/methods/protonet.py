@@ -14,7 +14,8 @@ class ProtoNet(FewShotClassifier):
 
     Args:
         backbone: ``nn.Module`` mapping images ``(B, C, H, W)`` to features ``(B, D)``.
-        distance: ``"euclidean"`` (squared, as in the paper) or ``"cosine"``.
+        distance: ``"euclidean"`` (squared, as in the paper), ``"euclidean_unsquared"`` (as easyfsl)
+            or ``"cosine"``.
         temperature: logits are divided by it.
         learn_temperature: learn the temperature.
 
