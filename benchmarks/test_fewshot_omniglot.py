@@ -6,7 +6,7 @@
     FEWSHOT_CCD_BENCH_STEPS=400 pytest benchmarks/... --benchmark -s  # reduced training budget
     FEWSHOT_CCD_BENCH_DISTANCE=euclidean_unsquared pytest ...          # easyfsl's distance for both
 
-Each model trains in its own single-threaded subprocess (``python -m fewshot_ccd.experiment``); the
+Each model trains in its own single-threaded subprocess (``fewshot_bench.run_side_by_side``); the
 two run side by side, so both see the same machine load and the peak resident memory of each is its
 own.  Step time is also measured in this process with
 the two models interleaved on identical episodes, which cancels most of the load of a shared
@@ -18,25 +18,14 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from fewshot_bench import CLAIMED_BLOG, METHODS, run_side_by_side
+from fewshot_bench import fmt as _fmt
 
-ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("protonet", "ccd")
-
-# The blog post's claimed tables (mini-ImageNet; NOT measured here, no mini-ImageNet on this machine).
-CLAIMED_BLOG = [
-    # (table, method, claimed accuracy %, extra)
-    ("5-way 5-shot mini-ImageNet", "Baseline ProtoNet", 76.2, "4h 20m, 6 GB (claimed)"),
-    ("5-way 5-shot mini-ImageNet", "CCD Breakthrough", 82.5, "5h 45m, 14 GB (claimed)"),
-    ("5-way 1-shot mini-ImageNet", "Standard Prototypical Nets", 60.37, "blog's own run: 60.12 (claimed)"),
-    ("5-way 1-shot mini-ImageNet", "CCD (The Paper's Method)", 68.21, "blog's own run: 67.85 (claimed)"),
-]
 # Reference figures as cited in the issue (not re-checked: no web access on this machine).
 REFERENCE_ISSUE = {
     "easyfsl ProtoNet, same budget (issue's measurement)": {
@@ -66,29 +55,6 @@ def _budget(budget: str) -> dict:
     if b["distance"] not in DISTANCES:
         raise ValueError(f"FEWSHOT_CCD_BENCH_DISTANCE must be one of {DISTANCES}, got {b['distance']!r}")
     return b
-
-
-def _command(method: str, b: dict, data_root: Path, out: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "fewshot_ccd.experiment", "--method", method, "--steps", str(b["steps"]),
-           "--n-way", str(b["n_way"]), "--n-shot", str(b["n_shot"]), "--n-query", str(b["n_query"]),
-           "--seed", str(b["seed"]), "--eval-episodes", str(b["eval_episodes"]), "--eval-seed",
-           str(b["eval_seed"]), "--eval-query", str(b["eval_query"]), "--threads", str(b["threads"]),
-           "--distance", b["distance"], "--root", str(data_root), "--no-progress", "--out", str(out)]
-    if b["max_classes"] is not None:
-        cmd += ["--max-classes", str(b["max_classes"])]
-    return cmd
-
-
-def _run_methods(b: dict, data_root: Path, tmp: Path) -> dict:
-    """One single-threaded subprocess per method, run side by side: both see the same machine load,
-    and each one's peak resident memory is its own."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(b["threads"]))
-    procs = {m: subprocess.Popen(_command(m, b, data_root, tmp / f"{m}.json"), cwd=ROOT, env=env)
-             for m in METHODS}
-    for m, proc in procs.items():
-        if proc.wait() != 0:
-            raise RuntimeError(f"{m} experiment failed with exit code {proc.returncode}")
-    return {m: json.loads((tmp / f"{m}.json").read_text()) for m in METHODS}
 
 
 def _interleaved_step_ms(b: dict, data_root: Path) -> dict:
@@ -128,10 +94,6 @@ def _interleaved_step_ms(b: dict, data_root: Path) -> dict:
     median = {m: statistics.median(times[m]) for m in METHODS}
     return {"median_ms": median, "ratio_ccd_over_protonet": median["ccd"] / median["protonet"],
             "rounds": len(times["protonet"]), "autograd_saved_mb": saved_mb}
-
-
-def _fmt(r: dict) -> str:
-    return f"{r['mean']:.2f} ± {r['ci95']:.2f}"
 
 
 def _targets(res: dict, timing: dict) -> list[tuple[str, bool | None, str]]:
@@ -234,7 +196,7 @@ def test_omniglot_protonet_vs_ccd(budget: str, data_root: Path, results_dir: Pat
     if not (data_root / "omniglot" / "images_background.npz").exists():
         pytest.skip(f"Omniglot not found under {data_root}/omniglot (pass --data-root)")
     b = _budget(budget)
-    res = _run_methods(b, data_root, tmp_path)
+    res = run_side_by_side(b, data_root, tmp_path)
     timing = _interleaved_step_ms(b, data_root)
     targets = _targets(res, timing)
     env = environment() | {"torch_threads": b["threads"]}

@@ -1,11 +1,14 @@
-"""One Omniglot experiment, end to end: build a model, meta-train it, evaluate it.
+"""One experiment, end to end: build a model, meta-train it, evaluate it.
 
-Used by ``examples/fewshot_omniglot.py`` and the benchmark; also a command line::
+Used by ``examples/fewshot_omniglot.py`` and the benchmarks; also a command line::
 
     python -m fewshot_ccd.experiment --method ccd --steps 3000 --out ccd.json
+    python -m fewshot_ccd.experiment --dataset miniimagenet --n-way 30 --n-query 15 --out ccd.json
 
-Evaluation: 5-way / 20-way x 1-shot / 5-shot episodes of the evaluation alphabets (seeded, the same
-for every method) and Lake et al.'s 20 within-alphabet one-shot runs.
+Omniglot: trained on the background alphabets with rotations; evaluated on 5-way / 20-way x 1-shot /
+5-shot episodes of the evaluation alphabets (seeded, the same for every method) and on Lake et al.'s
+20 within-alphabet one-shot runs.  mini-ImageNet (84x84, Ravi & Larochelle's split): trained on the
+64 train classes; evaluated on 5-way 1-shot and 5-shot episodes of the 20 test classes.
 """
 
 from __future__ import annotations
@@ -16,20 +19,26 @@ import os
 import platform
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
-from .backbones import Conv4, ResNet12
+from .backbones import Conv4, ResNet12, feature_dim
+from .data.folders import MiniImageNet
 from .data.omniglot import OmniglotDataset, load_lake_runs
+from .data.paths import dataset_dir
 from .dependency import ClassDependencyModule
 from .evaluate import embed_dataset, evaluate, evaluate_lake_runs
 from .methods import CCDNet, FewShotClassifier, ProtoNet
 from .train import TrainConfig, meta_train
 
-__all__ = ["METHODS", "build_model", "ExperimentConfig", "run_omniglot", "EVAL_SETTINGS"]
+__all__ = ["METHODS", "DATASETS", "build_model", "ExperimentConfig", "run_experiment", "run_omniglot",
+           "run_miniimagenet", "EVAL_SETTINGS", "MINI_EVAL_SETTINGS"]
 
 METHODS = ("protonet", "ccd", "ccd_qkv")
-EVAL_SETTINGS = ((5, 1), (5, 5), (20, 1), (20, 5))  # (n_way, n_shot)
+DATASETS = ("omniglot", "miniimagenet")
+EVAL_SETTINGS = ((5, 1), (5, 5), (20, 1), (20, 5))  # (n_way, n_shot), Omniglot
+MINI_EVAL_SETTINGS = ((5, 1), (5, 5))  # mini-ImageNet
 
 
 def build_model(
@@ -37,13 +46,14 @@ def build_model(
     *,
     backbone: str = "conv4",
     in_channels: int = 1,
+    image_size: int = 28,
     seed: int = 0,
     num_heads: int = 8,
     contrastive_weight: float = 0.0,
     scale_init: float = 1e-2,
     distance: str = "euclidean",
 ) -> FewShotClassifier:
-    """ProtoNet or CCD with a Conv-4 (64-d on 28x28) or ResNet-12 (640-d) backbone.
+    """ProtoNet or CCD with a Conv-4 (64-d on 28x28, 1600-d on 84x84) or ResNet-12 (640-d) backbone.
 
     The weights are drawn from ``seed`` inside a forked RNG (the global RNG is left untouched), and
     the backbone weights are the same for every method at the same seed.
@@ -55,7 +65,7 @@ def build_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = Conv4(in_channels) if backbone == "conv4" else ResNet12(in_channels)
-        dim = 64 if backbone == "conv4" else net.out_dim
+        dim = feature_dim(net, (in_channels, image_size, image_size))  # the dependency module's width
         torch.manual_seed(seed + 1)
         if method == "protonet":
             return ProtoNet(net, distance=distance)
@@ -66,9 +76,10 @@ def build_model(
 
 @dataclass
 class ExperimentConfig:
-    """An Omniglot experiment; defaults = the issue's reference budget (Snell et al.'s recipe)."""
+    """One experiment; defaults = the issue's Omniglot reference budget (Snell et al.'s recipe)."""
 
     method: str = "ccd"  # "protonet" | "ccd" | "ccd_qkv"
+    dataset: str = "omniglot"  # "omniglot" | "miniimagenet" (Snell et al. train it 30-way, 15 queries)
     steps: int = 3000  # training episodes (meta_batch = 1): 3,000 60-way 1-shot episodes
     n_way: int = 60  # training ways
     n_shot: int = 1  # training shots
@@ -84,9 +95,23 @@ class ExperimentConfig:
     scale_init: float = 1e-2  # CCD's task-adaptive scale at initialisation (near the identity)
     distance: str = "euclidean"  # "euclidean" (squared, Snell et al.) | "euclidean_unsquared" (easyfsl) | "cosine"
     root: str | None = None  # data root (None: env vars, then ../shared/data)
-    max_classes: int | None = None  # use only the first characters of each set (smoke runs)
+    max_classes: int | None = None  # Omniglot: use only the first characters of each set (smoke runs)
     threads: int | None = None  # torch.set_num_threads (None: leave)
+    num_workers: int = 0  # DataLoader workers (mini-ImageNet decodes JPEG/PNG files per episode)
     progress: bool = True  # tqdm bars
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.dataset != "omniglot" and self.max_classes is not None:
+            raise ValueError(f"max_classes applies to Omniglot only, got {self.max_classes} with {self.dataset!r}")
+
+
+def run_experiment(cfg: ExperimentConfig) -> dict:
+    """:func:`run_omniglot` or :func:`run_miniimagenet`, by ``cfg.dataset``."""
+    return run_omniglot(cfg) if cfg.dataset == "omniglot" else run_miniimagenet(cfg)
 
 
 def run_omniglot(cfg: ExperimentConfig) -> dict:
@@ -97,28 +122,48 @@ def run_omniglot(cfg: ExperimentConfig) -> dict:
     train_set = OmniglotDataset(cfg.root, split="background", rotations=True, max_classes=cfg.max_classes)
     test_set = OmniglotDataset(cfg.root, split="evaluation", max_classes=cfg.max_classes)
     runs = load_lake_runs(cfg.root)
-    load_s = time.perf_counter() - t0
-    model = build_model(cfg.method, seed=cfg.seed, num_heads=cfg.num_heads,
-                        contrastive_weight=cfg.contrastive_weight, scale_init=cfg.scale_init,
-                        distance=cfg.distance)
+    return _train_and_evaluate(cfg, train_set, test_set, EVAL_SETTINGS, time.perf_counter() - t0, runs=runs)
+
+
+def miniimagenet_root(root: str | os.PathLike | None = None) -> Path:
+    """The folder holding mini-ImageNet's ``{train,val,test}.csv`` (at its top or in ``split/``)."""
+    return dataset_dir("mini-imagenet", root, marker=("test.csv", "split/test.csv"))
+
+
+def run_miniimagenet(cfg: ExperimentConfig) -> dict:
+    """Trains on the 64 train classes; evaluates 5-way 1-shot and 5-shot on the 20 test classes."""
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    t0 = time.perf_counter()
+    root = miniimagenet_root(cfg.root)
+    train_set, test_set = MiniImageNet(root, split="train"), MiniImageNet(root, split="test")
+    return _train_and_evaluate(cfg, train_set, test_set, MINI_EVAL_SETTINGS, time.perf_counter() - t0,
+                               in_channels=3, image_size=84)
+
+
+def _train_and_evaluate(cfg: ExperimentConfig, train_set, test_set, settings, load_s: float, *, runs=None,
+                        in_channels: int = 1, image_size: int = 28) -> dict:
+    model = build_model(cfg.method, in_channels=in_channels, image_size=image_size, seed=cfg.seed,
+                        num_heads=cfg.num_heads, contrastive_weight=cfg.contrastive_weight,
+                        scale_init=cfg.scale_init, distance=cfg.distance)
     train = meta_train(model, train_set, TrainConfig(
         n_way=cfg.n_way, n_shot=cfg.n_shot, n_query=cfg.n_query, steps=cfg.steps, lr=cfg.lr,
         lr_decay_every=cfg.lr_decay_every, seed=cfg.seed, progress=cfg.progress,
-        channels_last=True,
+        channels_last=True, num_workers=cfg.num_workers,
     ))
     t1 = time.perf_counter()
-    features = embed_dataset(model, test_set)  # (M, D), shared by the four settings
+    features = embed_dataset(model, test_set, num_workers=cfg.num_workers)  # (M, D), shared by the settings
     results = {}
-    for n_way, n_shot in EVAL_SETTINGS:
+    for n_way, n_shot in settings:
         r = evaluate(model, test_set, n_way=n_way, n_shot=n_shot, n_query=cfg.eval_query,
                      episodes=cfg.eval_episodes, seed=cfg.eval_seed, features=features)
         results[f"{n_way}way{n_shot}shot"] = {"mean": r.mean, "ci95": r.ci95, "episodes": r.episodes}
-    lake = evaluate_lake_runs(model, runs)
+    lake = evaluate_lake_runs(model, runs) if runs is not None else None
     tail = max(1, len(train.accuracies) // 10)
     return {
         "config": asdict(cfg),
         "accuracy": results,
-        "lake_runs": {"error": lake.error, "ci95": lake.ci95, "per_run": lake.per_run},
+        "lake_runs": {"error": lake.error, "ci95": lake.ci95, "per_run": lake.per_run} if lake else None,
         "train": {
             "steps": train.steps, "seconds": train.seconds, "episodes_per_s": train.episodes_per_s,
             "step_ms": 1000.0 * train.seconds / max(train.steps, 1),
@@ -148,27 +193,28 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = ExperimentConfig()
     parser.add_argument("--method", choices=METHODS, default=defaults.method)
+    parser.add_argument("--dataset", choices=DATASETS, default=defaults.dataset)
     for name in ("steps", "n_way", "n_shot", "n_query", "lr_decay_every", "seed", "eval_episodes",
-                 "eval_query", "eval_seed", "num_heads", "threads", "max_classes"):
+                 "eval_query", "eval_seed", "num_heads", "threads", "max_classes", "num_workers"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     for name in ("lr", "contrastive_weight", "scale_init"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
     parser.add_argument("--distance", choices=("euclidean", "euclidean_unsquared", "cosine"),
                         default=defaults.distance)
-    parser.add_argument("--root", default=None, help="data root holding omniglot/")
+    parser.add_argument("--root", default=None, help="data root holding omniglot/ or mini-imagenet/")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--out", default=None, help="write the result as JSON here")
     args = parser.parse_args(argv)
     cfg = ExperimentConfig(**{k: v for k, v in vars(args).items() if k not in ("out", "no_progress")},
                            progress=not args.no_progress)
-    result = run_omniglot(cfg)
+    result = run_experiment(cfg)
     text = json.dumps(result, indent=2)
     if args.out:
         from .data.download import atomic_write_bytes
 
         atomic_write_bytes(args.out, text.encode())
-    print(json.dumps({k: result[k] for k in ("accuracy", "train")} | {"lake_error": result["lake_runs"]["error"]},
-                     indent=1))
+    lake_error = result["lake_runs"]["error"] if result["lake_runs"] else None
+    print(json.dumps({k: result[k] for k in ("accuracy", "train")} | {"lake_error": lake_error}, indent=1))
 
 
 if __name__ == "__main__":

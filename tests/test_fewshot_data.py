@@ -230,3 +230,17 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
     with pytest.raises(TypeError):
         atomic_write_bytes(target, "not bytes")  # type: ignore[arg-type]
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["x.txt"]
+
+
+def test_experiment_finds_mini_imagenet_and_rejects_bad_config(tmp_path):
+    from fewshot_ccd.experiment import ExperimentConfig, miniimagenet_root
+
+    with pytest.raises(FileNotFoundError, match="'test.csv' or 'split/test.csv'"):
+        miniimagenet_root(tmp_path)
+    (tmp_path / "mini-imagenet" / "split").mkdir(parents=True)
+    (tmp_path / "mini-imagenet" / "split" / "test.csv").write_text("filename,label\n")
+    assert miniimagenet_root(tmp_path) == tmp_path / "mini-imagenet"
+    with pytest.raises(ValueError, match="dataset"):
+        ExperimentConfig(dataset="cifar")
+    with pytest.raises(ValueError, match="max_classes"):
+        ExperimentConfig(dataset="miniimagenet", max_classes=3)

@@ -22,17 +22,18 @@ def data_root(root: str | os.PathLike | None = None) -> Path:
     return DEFAULT_DATA_ROOT
 
 
-def dataset_dir(name: str, root: str | os.PathLike | None = None, *, marker: str) -> Path:
-    """``<root>/<name>``, or ``root`` itself when it already contains ``marker``.
+def dataset_dir(name: str, root: str | os.PathLike | None = None, *, marker: str | tuple[str, ...]) -> Path:
+    """``<root>/<name>``, or ``root`` itself when it already contains ``marker`` (or one of several).
 
     Raises FileNotFoundError naming the paths searched when the data set is missing.
     """
     base = data_root(root)
+    markers = (marker,) if isinstance(marker, str) else tuple(marker)
     for candidate in (base, base / name):
-        if (candidate / marker).exists():
+        if any((candidate / m).exists() for m in markers):
             return candidate
     raise FileNotFoundError(
-        f"{name} data not found: no {marker!r} in {base} or {base / name}. Pass root=..., or set "
+        f"{name} data not found: no {' or '.join(map(repr, markers))} in {base} or {base / name}. Pass root=..., or set "
         f"FEWSHOT_CCD_DATA / MEASURED_REPRO_DATA to the folder holding '{name}/' "
         f"(see fewshot_ccd.data.download for the download code)."
     )
