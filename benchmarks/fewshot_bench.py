@@ -48,7 +48,12 @@ def run_side_by_side(b: dict, data_root: Path, tmp: Path) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(b["threads"]))
     procs = {m: subprocess.Popen(experiment_command(m, b, data_root, tmp / f"{m}.json"), cwd=ROOT, env=env)
              for m in METHODS}
-    for m, proc in procs.items():
-        if proc.wait() != 0:
-            raise RuntimeError(f"{m} experiment failed with exit code {proc.returncode}")
+    try:
+        for m, proc in procs.items():
+            if proc.wait() != 0:
+                raise RuntimeError(f"{m} experiment failed with exit code {proc.returncode}")
+    finally:  # one failed: do not leave the other training for hours
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
     return {m: json.loads((tmp / f"{m}.json").read_text()) for m in METHODS}

@@ -115,15 +115,15 @@ def _run(train, test, budget: str, ranking: bool = True, key: str | None = None,
         model.fit(train)
         fit_s = time.perf_counter() - start
         if name == "cmc+ae":  # first the graph head alone (row cmc): the same fitted graph model
-            graph = model.graph_head()
-            rows["cmc"] = score(graph, graph.timings["graph"]) | {
+            graph, graph_s = model.graph_head(), fit_s - model.timings["autoencoder"]  # fit minus the autoencoder's
+            rows["cmc"] = score(graph, graph_s) | {
                 "best_epoch": model.result.best_epoch, "epochs_run": model.result.epochs_run,
                 "val_rmse": model.val_rmse}
             _print("cmc", rows["cmc"])
             if ranking:  # the same graph model, top-K ranked by the other two scores
                 for rank_by in ("preference", "rating"):
                     graph.config.rank_by = rank_by
-                    rows[f"cmc_rank_by_{rank_by}"] = score(graph, graph.timings["graph"])
+                    rows[f"cmc_rank_by_{rank_by}"] = score(graph, graph_s)
         res = score(model, fit_s)
         if name == "cmc+ae":
             res["best_epoch"], res["epochs_run"] = model.result.best_epoch, model.result.epochs_run
@@ -210,7 +210,7 @@ def test_ml100k_u1(budget, data_root, results_dir):
            + ". GLocal-K's public code keeps the epoch with the lowest test RMSE; our kernel_ae row is its "
            "local-kernel stage (one member) with the epoch chosen on a validation split of u1.base.", "",
            "Rows: cmc = the graph model alone (its MSE rating head: cmc+ae's graph_head(), not refitted; fit s "
-           "= the graph model's share of the fit); cmc+ae = the same graph model "
+           "= cmc+ae's fit time minus its autoencoders'); cmc+ae = the same graph model "
            f"with the kernel-autoencoder rating head ({AE_ML100K['ensemble']} members) blended in, weights "
            "(intercept, graph, autoencoder) = " + ", ".join(f"{w:.3f}" for w in cmc.get("head_weights", []))
            + " fitted on CMC's validation split; its recommend() is the graph model's, so its ranking "
@@ -268,7 +268,8 @@ def test_ml100k_5fold(budget, data_root, results_dir):
           "| model | RMSE | MAE | Recall@10 | NDCG@10 | coverage@10 | fit s |", "|---|---|---|---|---|---|---|"]
     for m, s in summary.items():
         md.append(f"| {m} | " + " | ".join(f"{s[k][0]:.4f} ± {s[k][1]:.4f}" for k in keys) + " |")
-    md += ["", f"Surprise's documented SVD, 5-fold (claimed): RMSE {SURPRISE_SVD_5FOLD}"]
+    md += ["", "cmc = the graph head of the cmc+ae model (not refitted); its fit s = cmc+ae's minus the "
+           "autoencoders'.", "", f"Surprise's documented SVD, 5-fold (claimed): RMSE {SURPRISE_SVD_5FOLD}"]
     _write(results_dir, "movielens_5fold", budget, {"folds": per_fold, "summary_mean_std": summary},
            "\n".join(md) + "\n")
 

@@ -62,14 +62,16 @@ def _write_fixture(root: Path, seed: int = 0) -> Path:
 
 def _markdown(b: dict, res: dict, command: str) -> str:
     p, c = res["protonet"], res["ccd"]
-    env = p["environment"]
+    env, cfg = p["environment"], p["config"]
     lines = [
         "# mini-ImageNet: ProtoNet vs CCD (measured)", "",
         f"Command: `{command}`  ",
         f"Budget: **{b['name']}**: {b['steps']} training episodes of {b['n_way']}-way {b['n_shot']}-shot "
-        f"{b['n_query']}-query on the train classes (Adam 1e-3, halved every 2000); Conv-4 (1600-d) for both; "
+        f"{b['n_query']}-query on the train classes (Adam {cfg['lr']:g}, halved every {cfg['lr_decay_every']}); "
+        f"Conv-4 for both ({p['parameters']:,} and {c['parameters']:,} parameters), {cfg['distance']} distance; "
         f"{b['eval_episodes']} seeded test episodes per setting (seed {b['eval_seed']}, {b['eval_query']} queries "
-        f"per class), the same for both models.  ",
+        f"per class), the same for both models.  The 5-shot rows come from the same 1-shot-trained models "
+        f"(Snell et al. and the blog train a separate 5-shot model).  ",
         f"Machine: {env['processor']}, {env['cpu_count']} CPUs, GPU {env['cuda']}, Python {env['python']}, "
         f"torch {env['torch']}.", "",
         "| setting | ProtoNet | CCD | CCD - ProtoNet | blog ProtoNet -> CCD (claimed) | FEAT paper ProtoNet -> FEAT, "
@@ -83,7 +85,7 @@ def _markdown(b: dict, res: dict, command: str) -> str:
     for label, key, f in (("training time s", "seconds", "{:.0f}"), ("mean step ms", "step_ms", "{:.0f}"),
                           ("peak memory MB", "peak_memory_mb", "{:.0f}")):
         lines.append(f"| {label} | {f.format(p['train'][key])} | {f.format(c['train'][key])} | | | |")
-    lines += ["", f"Peak memory is {p['train']['memory_kind']}.", "",
+    lines += ["", f"Peak memory is {p['train']['memory_kind']} (DataLoader workers, if any, not counted).", "",
               "## The blog's table (claimed)", "", "| table | method | claimed acc % | claimed cost |",
               "| --- | --- | --- | --- |"]
     lines += [f"| {t} | {m} | {a} (claimed) | {x} |" for t, m, a, x in CLAIMED_BLOG]
@@ -104,11 +106,13 @@ def test_miniimagenet_protonet_vs_ccd(budget: str, data_root: Path, results_dir:
             pytest.skip(f"mini-ImageNet not found ({err})")
     res = run_side_by_side(b, data_root, tmp_path)
     prefix = "" if b["name"] == "full" or budget == "smoke" else f"FEWSHOT_CCD_BENCH_MINI_STEPS={b['steps']} "
+    if b["num_workers"]:
+        prefix += f"FEWSHOT_CCD_BENCH_WORKERS={b['num_workers']} "
     flag = "--benchmark --data-root DIR" if budget == "full" else "--benchmark-smoke"
     command = f"{prefix}pytest benchmarks/test_fewshot_miniimagenet.py {flag} -s"
     md = _markdown(b, res, command)
     print("\n" + md)
-    suffix = "" if budget == "full" else "_smoke"
+    suffix = "_smoke" if budget == "smoke" else ("" if b["name"] == "full" else f"_{b['steps']}steps")
     (results_dir / f"fewshot_miniimagenet{suffix}.md").write_text(md)
     payload = {"budget": b, "command": command, "results": res, "claimed_blog": CLAIMED_BLOG,
                "feat_paper_as_cited_in_issue": FEAT_PAPER}

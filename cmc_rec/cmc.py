@@ -68,6 +68,7 @@ class CMCRecommender(BaseRecommender):
         self.config = config or CMCConfig()
         self.model: ContrastiveMatrixModel | None = None
         self.result: TrainResult | None = None
+        self.timings: dict[str, float] = {}  # seconds each head took to fit
 
     def _fit(self, u, i, r) -> None:
         c, tc = self.config, self.config.train
@@ -106,9 +107,11 @@ class CMCRecommender(BaseRecommender):
     def graph_head(self) -> CMCRecommender:
         """The fitted graph model alone (its MSE rating head), as a recommender; nothing is refitted.
 
-        The graph model is trained before the autoencoder head and does not depend on it, so this
-        predicts exactly what ``CMCRecommender`` without ``config.autoencoder`` gives at the same
-        seed.  The returned recommender shares the fitted weights with this one.
+        The graph model is trained before the autoencoder head and does not depend on it, so on the
+        CPU (deterministic kernels) this predicts exactly what ``CMCRecommender`` without
+        ``config.autoencoder`` gives at the same seed.  The returned recommender shares everything
+        with this one (the fitted model, id maps, ``config.loss`` / ``config.train``) except the
+        top level of ``config``: setting ``head.config.rank_by`` leaves this one's unchanged.
         """
         self._require_fitted()
         head = copy.copy(self)

@@ -30,6 +30,7 @@ from .data.paths import dataset_dir
 from .dependency import ClassDependencyModule
 from .evaluate import embed_dataset, evaluate, evaluate_lake_runs
 from .methods import CCDNet, FewShotClassifier, ProtoNet
+from .methods.base import DISTANCES
 from .train import TrainConfig, meta_train
 
 __all__ = ["METHODS", "DATASETS", "build_model", "ExperimentConfig", "run_experiment", "run_omniglot",
@@ -76,7 +77,9 @@ def build_model(
 
 @dataclass
 class ExperimentConfig:
-    """One experiment; defaults = the issue's Omniglot reference budget (Snell et al.'s recipe)."""
+    """One experiment.  The defaults are the issue's Omniglot reference budget (Snell et al.'s
+    Omniglot recipe); for mini-ImageNet set the recipe yourself (Snell et al.: 30-way 1-shot with
+    15 queries, or 20-way 5-shot)."""
 
     method: str = "ccd"  # "protonet" | "ccd" | "ccd_qkv"
     dataset: str = "omniglot"  # "omniglot" | "miniimagenet" (Snell et al. train it 30-way, 15 queries)
@@ -105,6 +108,8 @@ class ExperimentConfig:
             raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.distance not in DISTANCES:
+            raise ValueError(f"distance must be one of {DISTANCES}, got {self.distance!r}")
         if self.dataset != "omniglot" and self.max_classes is not None:
             raise ValueError(f"max_classes applies to Omniglot only, got {self.max_classes} with {self.dataset!r}")
 
@@ -116,6 +121,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
 
 def run_omniglot(cfg: ExperimentConfig) -> dict:
     """Trains on the background set with rotations; evaluates on the evaluation set and Lake's runs."""
+    _check_dataset(cfg, "omniglot")
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
@@ -132,6 +138,7 @@ def miniimagenet_root(root: str | os.PathLike | None = None) -> Path:
 
 def run_miniimagenet(cfg: ExperimentConfig) -> dict:
     """Trains on the 64 train classes; evaluates 5-way 1-shot and 5-shot on the 20 test classes."""
+    _check_dataset(cfg, "miniimagenet")
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
@@ -139,6 +146,11 @@ def run_miniimagenet(cfg: ExperimentConfig) -> dict:
     train_set, test_set = MiniImageNet(root, split="train"), MiniImageNet(root, split="test")
     return _train_and_evaluate(cfg, train_set, test_set, MINI_EVAL_SETTINGS, time.perf_counter() - t0,
                                in_channels=3, image_size=84)
+
+
+def _check_dataset(cfg: ExperimentConfig, expected: str) -> None:
+    if cfg.dataset != expected:
+        raise ValueError(f"this runs {expected!r} but cfg.dataset is {cfg.dataset!r}; use run_experiment(cfg)")
 
 
 def _train_and_evaluate(cfg: ExperimentConfig, train_set, test_set, settings, load_s: float, *, runs=None,
@@ -163,7 +175,7 @@ def _train_and_evaluate(cfg: ExperimentConfig, train_set, test_set, settings, lo
     return {
         "config": asdict(cfg),
         "accuracy": results,
-        "lake_runs": {"error": lake.error, "ci95": lake.ci95, "per_run": lake.per_run} if lake else None,
+        "lake_runs": {"error": lake.error, "ci95": lake.ci95, "per_run": lake.per_run} if lake is not None else None,
         "train": {
             "steps": train.steps, "seconds": train.seconds, "episodes_per_s": train.episodes_per_s,
             "step_ms": 1000.0 * train.seconds / max(train.steps, 1),
@@ -199,8 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     for name in ("lr", "contrastive_weight", "scale_init"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
-    parser.add_argument("--distance", choices=("euclidean", "euclidean_unsquared", "cosine"),
-                        default=defaults.distance)
+    parser.add_argument("--distance", choices=DISTANCES, default=defaults.distance)
     parser.add_argument("--root", default=None, help="data root holding omniglot/ or mini-imagenet/")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--out", default=None, help="write the result as JSON here")

@@ -165,5 +165,7 @@ def test_autoencoder_rating_head_blends_on_validation_and_keeps_ranking():
     assert np.array_equal(head.predict(test.users, test.items), plain.predict(test.users, test.items))
     assert np.array_equal(head.recommend(test.users[:5], k=5)[0], ids_p)
     assert set(hybrid.timings) == {"graph", "autoencoder"} and set(head.timings) == {"graph"}
+    head.config.rank_by = "rating"  # the head's config is its own (the benchmark relies on it)
+    assert hybrid.config.rank_by == "blend"
     with pytest.raises(RuntimeError, match="not fitted"):
         CMCRecommender(small_config()).graph_head()

@@ -29,7 +29,7 @@ def dataset_dir(name: str, root: str | os.PathLike | None = None, *, marker: str
     """
     base = data_root(root)
     markers = (marker,) if isinstance(marker, str) else tuple(marker)
-    for candidate in (base, base / name):
+    for candidate in (base / name, base):  # the named sub-folder first: markers can be generic
         if any((candidate / m).exists() for m in markers):
             return candidate
     raise FileNotFoundError(

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FewShotClassifier", "check_support_labels"]
+__all__ = ["DISTANCES", "FewShotClassifier", "check_support_labels"]
 
-_DISTANCES = ("euclidean", "euclidean_unsquared", "cosine")
+DISTANCES = ("euclidean", "euclidean_unsquared", "cosine")
 
 
 def check_support_labels(support_labels: torch.Tensor, n_support: int) -> int:
@@ -65,8 +65,8 @@ class FewShotClassifier(nn.Module):
         learn_temperature: bool = False,
     ) -> None:
         super().__init__()
-        if distance not in _DISTANCES:
-            raise ValueError(f"distance must be one of {_DISTANCES}, got {distance!r}")
+        if distance not in DISTANCES:
+            raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.backbone = backbone
