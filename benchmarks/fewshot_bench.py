@@ -29,6 +29,17 @@ def fmt(r: dict) -> str:
     return f"{r['mean']:.2f} ± {r['ci95']:.2f}"
 
 
+def budget_line(b: dict, res: dict, train_on: str, test_on: str) -> str:
+    """The markdown sentence stating the budget; the optimiser and distance are read from the runs."""
+    p, c = res["protonet"], res["ccd"]
+    cfg = p["config"]
+    return (f"Budget: **{b['name']}**: {b['steps']} training episodes of {b['n_way']}-way {b['n_shot']}-shot "
+            f"{b['n_query']}-query on {train_on} (Adam {cfg['lr']:g}, halved every {cfg['lr_decay_every']}); "
+            f"Conv-4 for both ({p['parameters']:,} and {c['parameters']:,} parameters), {cfg['distance']} "
+            f"distance; {b['eval_episodes']} seeded episodes per setting on {test_on} (seed {b['eval_seed']}, "
+            f"{b['eval_query']} queries per class), the same for both models; model/training seed {b['seed']}.  ")
+
+
 def experiment_command(method: str, b: dict, data_root: Path, out: Path) -> list[str]:
     """The ``fewshot_ccd.experiment`` command line of one model under budget ``b``."""
     cmd = [sys.executable, "-m", "fewshot_ccd.experiment", "--method", method,

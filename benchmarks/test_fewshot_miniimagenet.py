@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fewshot_bench import CLAIMED_BLOG, run_side_by_side
+from fewshot_bench import CLAIMED_BLOG, budget_line, run_side_by_side
 from fewshot_bench import fmt as _fmt
 
 SETTINGS = ("5way1shot", "5way5shot")
@@ -62,16 +62,13 @@ def _write_fixture(root: Path, seed: int = 0) -> Path:
 
 def _markdown(b: dict, res: dict, command: str) -> str:
     p, c = res["protonet"], res["ccd"]
-    env, cfg = p["environment"], p["config"]
+    env = p["environment"]
     lines = [
         "# mini-ImageNet: ProtoNet vs CCD (measured)", "",
         f"Command: `{command}`  ",
-        f"Budget: **{b['name']}**: {b['steps']} training episodes of {b['n_way']}-way {b['n_shot']}-shot "
-        f"{b['n_query']}-query on the train classes (Adam {cfg['lr']:g}, halved every {cfg['lr_decay_every']}); "
-        f"Conv-4 for both ({p['parameters']:,} and {c['parameters']:,} parameters), {cfg['distance']} distance; "
-        f"{b['eval_episodes']} seeded test episodes per setting (seed {b['eval_seed']}, {b['eval_query']} queries "
-        f"per class), the same for both models.  The 5-shot rows come from the same 1-shot-trained models "
-        f"(Snell et al. and the blog train a separate 5-shot model).  ",
+        budget_line(b, res, "the train classes", "the test classes")
+        + "The 5-shot rows come from the same 1-shot-trained models "
+        "(Snell et al. and the blog train a separate 5-shot model).  ",
         f"Machine: {env['processor']}, {env['cpu_count']} CPUs, GPU {env['cuda']}, Python {env['python']}, "
         f"torch {env['torch']}.", "",
         "| setting | ProtoNet | CCD | CCD - ProtoNet | blog ProtoNet -> CCD (claimed) | FEAT paper ProtoNet -> FEAT, "

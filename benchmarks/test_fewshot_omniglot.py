@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fewshot_bench import CLAIMED_BLOG, METHODS, run_side_by_side
+from fewshot_bench import CLAIMED_BLOG, METHODS, budget_line, run_side_by_side
 from fewshot_bench import fmt as _fmt
 
 # Reference figures as cited in the issue (not re-checked: no web access on this machine).
@@ -122,11 +122,7 @@ def _markdown(b: dict, res: dict, timing: dict, targets: list, env: dict, comman
     lines = [
         "# Omniglot: ProtoNet vs CCD (measured)", "",
         f"Command: `{command}`  ",
-        f"Budget: **{b['name']}**: {b['steps']} training episodes of {b['n_way']}-way {b['n_shot']}-shot "
-        f"{b['n_query']}-query on the background set with rotations (Adam 1e-3, halved every 2000); "
-        f"Conv-4 backbone for both, {b['distance']} distance; evaluation on {b['eval_episodes']} seeded episodes per setting "
-        f"(seed {b['eval_seed']}, {b['eval_query']} queries per class, evaluation alphabets), the same "
-        f"episodes for both models; model/training seed {b['seed']}.  ",
+        budget_line(b, res, "the background set with rotations", "the evaluation alphabets"),
         f"Machine: {env['processor']}, {env['cpu_count']} CPUs (shared), torch threads {b['threads']}, "
         f"Python {env['python']}, torch {env['torch']}, {env['platform']}.", "",
         "| setting | ProtoNet | CCD | easyfsl ProtoNet (as cited in the issue) |",
