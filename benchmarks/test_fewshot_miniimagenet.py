@@ -102,14 +102,14 @@ def test_miniimagenet_protonet_vs_ccd(budget: str, data_root: Path, results_dir:
         except FileNotFoundError as err:
             pytest.skip(f"mini-ImageNet not found ({err})")
     res = run_side_by_side(b, data_root, tmp_path)
-    prefix = "" if b["name"] == "full" or budget == "smoke" else f"FEWSHOT_CCD_BENCH_MINI_STEPS={b['steps']} "
+    prefix = f"FEWSHOT_CCD_BENCH_MINI_STEPS={b['steps']} " if b["name"].startswith("reduced") else ""
     if b["num_workers"]:
         prefix += f"FEWSHOT_CCD_BENCH_WORKERS={b['num_workers']} "
     flag = "--benchmark --data-root DIR" if budget == "full" else "--benchmark-smoke"
     command = f"{prefix}pytest benchmarks/test_fewshot_miniimagenet.py {flag} -s"
     md = _markdown(b, res, command)
     print("\n" + md)
-    suffix = "_smoke" if budget == "smoke" else ("" if b["name"] == "full" else f"_{b['steps']}steps")
+    suffix = {"smoke": "_smoke", "full": ""}.get(b["name"], f"_{b['steps']}steps")
     (results_dir / f"fewshot_miniimagenet{suffix}.md").write_text(md)
     payload = {"budget": b, "command": command, "results": res, "claimed_blog": CLAIMED_BLOG,
                "feat_paper_as_cited_in_issue": FEAT_PAPER}
