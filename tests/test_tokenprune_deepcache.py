@@ -125,7 +125,7 @@ def test_composes_with_pruning_gating_and_guidance_collapse(pipe):
     out = generate(pipe, steps=10, callback_on_step_end=CollapseGuidance(proc, pipe))
     handle.remove()
     assert np.isfinite(out).all()
-    n, gate = len(batches), proc._gen.gate_start
+    n, gate = len(batches), proc.schedule.gate_start
     assert batches == [2] * gate + [1] * (n - gate)
     # full / cached alternating; the first collapsed call (batch halved) is full, then alternating again
     assert cache.schedule == [(c - (0 if c < gate else gate)) % 2 == 1 for c in range(n)]
@@ -137,10 +137,10 @@ def test_hand_written_loop_needs_the_number_of_calls(pipe):
     unet = pipe.unet
     x, text = torch.zeros(1, 4, 8, 8), torch.zeros(1, 77, 32)
     cache = apply_deep_cache(unet, interval=2)
-    with pytest.warns(UserWarning, match="cannot tell how many UNet calls"), torch.no_grad():
+    with pytest.warns(UserWarning, match="cannot tell how many denoiser calls"), torch.no_grad():
         unet(x, 10, text)
         unet(x, 5, text)
-    assert cache.schedule == [False]  # every call full, each on its own
+    assert cache.schedule == [False, False]  # every call full
     cache.begin_generation(4)
     with torch.no_grad():
         for t in (40, 30, 20, 10):
@@ -180,13 +180,13 @@ def test_sdxl_gate_filled_on_a_cached_call_keeps_the_deep_cross_attention_later(
     cache = apply_deep_cache(pipe, interval=2)
     deep_attn2 = pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn2
     computed = []
-    handle = deep_attn2.to_q.register_forward_pre_hook(lambda m, a: computed.append(proc._gen.call))
+    handle = deep_attn2.to_q.register_forward_pre_hook(lambda m, a: computed.append(proc.clock.now.call))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         image = pipe("a red circle", num_inference_steps=8, generator=g, height=32, width=32, output_type="np",
                      callback_on_step_end=CollapseGuidance(proc, pipe)).images
     handle.remove()
-    gate = proc._gen.gate_start
+    gate = proc.schedule.gate_start
     assert gate == 4 and cache.schedule[gate - 1]  # the filling call was cached
     assert computed == [0, 2, 4]  # full calls before the gate, then once after it (kept), never again
     assert np.isfinite(image).all()

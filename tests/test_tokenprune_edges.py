@@ -46,7 +46,8 @@ def test_rows_are_the_unets_rows_distinct_negatives_and_several_images(pipe):
     with torch.no_grad():
         expected = pipe.text_encoder(proc.report.token_ids)[0]
     torch.testing.assert_close(seen[0], expected)
-    assert proc.report.prompts == [negatives[0]] * 2 + [negatives[1]] * 2 + [prompts[0]] * 2 + [prompts[1]] * 2
+    read = pipe.tokenizer.batch_decode(pipe.tokenizer(negatives + prompts).input_ids, skip_special_tokens=True)
+    assert proc.report.prompts == [read[0]] * 2 + [read[1]] * 2 + [read[2]] * 2 + [read[3]] * 2
 
 
 def test_a_batch_change_during_warmup_stops_pruning_with_a_warning(pipe):
@@ -87,22 +88,28 @@ def test_kv_reuse_notices_an_in_place_change_of_the_prompt_under_inference_mode(
     torch.testing.assert_close(outs[True], outs[False], atol=0, rtol=0)
 
 
-def test_collapsed_rows_get_the_positive_rows_kept_outputs():
-    attn = _layer()
-    proc = TokenPruneProcessor(threshold=0.0, warmup=0.0, gate=0.5, num_steps=4)
-    attn.set_processor(proc)
-    g = torch.Generator().manual_seed(0)
-    hidden, text = torch.randn(4, 16, 32, generator=g), torch.randn(4, 77, 24, generator=g)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        attn(hidden, encoder_hidden_states=text)  # call 0
-        kept = attn(hidden, encoder_hidden_states=text)  # call 1: last computed, kept
-        gated = attn(hidden, encoder_hidden_states=text)  # call 2: gated, same rows
-        proc._gen.shape = (4, 77)
-    assert proc._gen.gate_start == 2 and torch.equal(gated, kept)
-    positive = proc._kept_output(attn, 2)
-    torch.testing.assert_close(positive, kept[2:], rtol=0, atol=0)
-    assert proc._kept_output(attn, 2) is positive  # kept from then on (the negative rows freed)
+def test_guidance_collapse_keeps_the_positive_rows_of_a_batch_of_several_prompts(pipe):
+    """Two prompts under CFG are rows (neg0, neg1, pos0, pos1): after the collapse the UNet gets
+    (pos0, pos1), and each gated layer returns the kept output of those rows."""
+    from tokenprune_diffusers import CollapseGuidance
+
+    prompts = ["a red hat", "a blue car on a road"]
+    proc = apply_token_pruning(pipe, top_k=2, warmup=0.2, gate=0.5)
+    texts, outs = [], []
+    attn2 = next(m for n, m in pipe.unet.named_modules() if n.endswith("attn2"))
+    h1 = pipe.unet.register_forward_pre_hook(lambda m, a, k: texts.append(k["encoder_hidden_states"]), with_kwargs=True)
+    h2 = attn2.register_forward_hook(lambda m, a, out: outs.append(out))
+    generate(pipe, prompt=prompts, steps=6, callback_on_step_end=CollapseGuidance(proc, pipe))
+    h1.remove()
+    h2.remove()
+    gate, n = proc.schedule.gate_start, proc.report.num_calls
+    assert n == len(texts) and [t.shape[0] for t in texts] == [4] * gate + [2] * (n - gate)
+    with torch.no_grad():
+        positive = pipe.encode_prompt(prompts, "cpu", 1, False)[0]
+    torch.testing.assert_close(texts[gate], positive, rtol=0, atol=0)
+    assert [s.collapsed for s in proc.report.steps] == [c >= gate for c in range(n)]
+    torch.testing.assert_close(outs[gate], outs[gate - 1][2:], rtol=0, atol=0)  # the positive rows' kept output
+    assert all(torch.equal(o, outs[gate]) for o in outs[gate:])
 
 
 def test_ip_adapter_masks_reach_the_wrapped_processor():

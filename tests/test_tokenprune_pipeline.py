@@ -25,6 +25,7 @@ from tokenprune_diffusers import (  # noqa: E402
     get_token_pruning,
     remove_token_pruning,
 )
+from tokenprune_diffusers.schedule import plan_generation  # noqa: E402
 from tokenprune_diffusers.scoring import PADDING, SPECIAL  # noqa: E402
 
 PROMPT = "a cat wearing a red hat, highly detailed, studio lighting"
@@ -44,6 +45,11 @@ def generate(pipe, prompt=PROMPT, steps=5, seed=0, **kw):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         return pipe(prompt, num_inference_steps=steps, generator=g, height=32, width=32, output_type="np", **kw).images
+
+
+def as_read(pipe, texts):
+    """The prompts as the report gives them: what the tokenizer reads."""
+    return pipe.tokenizer.batch_decode(pipe.tokenizer(texts).input_ids, skip_special_tokens=True)
 
 
 def count_unet_calls(pipe):
@@ -82,24 +88,54 @@ def test_one_liner_prunes_after_warmup_and_kv_get_shorter(pipe):
     assert [s.scored for s in rep.steps] == [c < rep.prune_start for c in range(n)]
     assert [s.pruned for s in rep.steps] == [c >= rep.prune_start for c in range(n)]
     assert rep.steps[-1].kept_counts == [2, 4]
-    assert all(s.flops_done > s.flops_full for s in rep.steps if s.scored)  # scoring costs extra
-    assert all(s.flops_done < 0.6 * s.flops_full for s in rep.steps if s.pruned)  # q/out projections stay
+    assert all(s.flops_done > s.flops_stock for s in rep.steps if s.scored)  # scoring costs extra
+    assert all(s.flops_done < 0.6 * s.flops_stock for s in rep.steps if s.pruned)  # q/out projections stay
     assert 0.2 < rep.flops_saved < 0.6
 
 
 @pytest.mark.parametrize(
-    "scheduler", [EulerDiscreteScheduler, HeunDiscreteScheduler, DPMSolverMultistepScheduler, DDIMScheduler]
+    "scheduler, calls, start",
+    [(EulerDiscreteScheduler, 4, 2), (HeunDiscreteScheduler, 7, 4), (DPMSolverMultistepScheduler, 4, 2), (DDIMScheduler, 4, 2)],
 )
-def test_schedule_follows_the_unet_calls_of_any_scheduler(pipe, scheduler):
+def test_schedule_follows_the_unet_calls_and_steps_of_any_scheduler(pipe, scheduler, calls, start):
+    """4 steps, warm-up 0.3: pruning from step ceil(1.2) = 2, i.e. call 2 (Heun: 2 calls a step, 7 in all)."""
     pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
     proc = apply_token_pruning(pipe, top_k=1, warmup=0.3)
-    calls, h = count_unet_calls(pipe)
+    seen, h = count_unet_calls(pipe)
     generate(pipe, steps=4)
     h.remove()
     rep = proc.report
-    assert rep.num_calls == len(calls) == len(rep.steps)  # Heun calls the UNet 2N-1 times
-    assert rep.prune_start == math.ceil(0.3 * len(calls))
-    assert [s.pruned for s in rep.steps] == [c >= rep.prune_start for c in range(len(calls))]
+    assert rep.num_calls == len(seen) == len(rep.steps) == calls
+    assert rep.schedule == plan_generation(calls, warmup=0.3, calls_per_step=pipe.scheduler.order)
+    assert rep.prune_start == start
+    assert [s.scored for s in rep.steps] == [c < start for c in range(calls)]
+    assert [s.pruned for s in rep.steps] == [c >= start for c in range(calls)]
+
+
+def test_hand_written_loop_follows_num_steps(tiny_pipe, clip_tokenizer):
+    unet = tiny_pipe.unet
+    before = unet.attn_processors
+    ids = clip_tokenizer(["a red hat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    x, text = torch.zeros(1, 4, 8, 8), torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(0))
+    proc = apply_token_pruning(unet, top_k=1, warmup=0.4, gate=0.8, padding="drop")
+    proc.tokenizer = clip_tokenizer  # a UNet alone brings no tokenizer
+    proc.begin_generation(5, token_ids=ids)
+    with torch.no_grad():
+        for t in (900, 700, 500, 300, 100):
+            unet(x, t, text)
+    remove_token_pruning(unet)
+    unet.set_attn_processor(before)
+    rep = proc.report
+    assert rep.schedule.table().splitlines()[1:] == [
+        "   0     0    yes      -      -          -",
+        "   1     1    yes      -      -          -",
+        "   2     2      -    yes      -          -",
+        "   3     3      -    yes      -          -",
+        "   4     4      -      -    yes          -",
+    ]
+    assert [s.scored for s in rep.steps] == [True, True, False, False, False]
+    assert [(s.pruned, s.gated) for s in rep.steps] == [(False, False)] * 2 + [(True, False)] * 2 + [(False, True)]
+    assert rep.steps[2].kept_counts == [3]
 
 
 def test_each_row_is_scored_and_pruned_on_its_own(pipe):
@@ -122,7 +158,7 @@ def test_each_row_is_scored_and_pruned_on_its_own(pipe):
 def test_without_guidance_only_the_prompt_rows_exist(pipe):
     proc = apply_token_pruning(pipe, top_k=1)
     generate(pipe, guidance_scale=1.0)
-    assert proc.report.prompts == [PROMPT] and proc.report.roles.shape == (1, 77)
+    assert proc.report.prompts == as_read(pipe, [PROMPT]) and proc.report.roles.shape == (1, 77)
 
 
 def test_same_seed_same_image_and_a_second_prompt_never_uses_the_first_prompts_scores(pipe):
@@ -131,7 +167,7 @@ def test_same_seed_same_image_and_a_second_prompt_never_uses_the_first_prompts_s
     again = generate(pipe, prompt="a red hat on a wooden table")
     np.testing.assert_array_equal(first, again)
     other = generate(pipe, prompt="a blue bird in the sky")
-    assert proc.report.prompts[-1] == "a blue bird in the sky"
+    assert proc.report.prompts[-1] == "a blue bird in the sky"  # what the tokenizer reads: the same words
     fresh = apply_token_pruning(pipe, top_k=2, warmup=0.4)  # a brand-new processor, no history
     np.testing.assert_array_equal(generate(pipe, prompt="a blue bird in the sky"), other)
     assert fresh is not proc
@@ -144,11 +180,13 @@ def test_apply_twice_is_safe_and_remove_restores_the_original_objects(pipe):
     second = apply_token_pruning(pipe, threshold=0.3)
     assert get_token_pruning(pipe) is second and second.originals == before
     assert all(p is second for p in pipe.unet.attn_processors.values())
-    assert list(pipe.unet._diffusers_hook.hooks) == ["tokenprune_unet_call"]  # one UNet-call hook, not two
+    assert list(pipe.unet._diffusers_hook.hooks) == ["tokenprune_clock"]  # one clock hook, not two
+    assert list(pipe.text_encoder._diffusers_hook.hooks) == ["tokenprune_clock_text"]
     remove_token_pruning(pipe)
     after = pipe.unet.attn_processors
     assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
     assert pipe.unet.forward == forward and not pipe.unet._diffusers_hook.hooks
+    assert not pipe.text_encoder._diffusers_hook.hooks
     remove_token_pruning(pipe)  # no-op
     # replaced by hand instead of removed: the processor's UNet hook stays idle
     third = apply_token_pruning(pipe, top_k=1)
@@ -262,7 +300,7 @@ def test_sdxl_pipeline_with_added_conditions_prunes_and_matches_stock_when_told_
     out = generate(pipe, steps=4)
     h.remove()
     assert lengths == [77, 4, 4, 4] and np.isfinite(out).all()
-    assert proc.report.prompts == ["", PROMPT]
+    assert proc.report.prompts == as_read(pipe, ["", PROMPT])
     # SDXL's negative prompt is all zeros: any subset of its tokens gives the same output, so it keeps
     # only its start / end tokens whatever the rule, and does not hold the batch at 77 tokens
     proc = apply_token_pruning(pipe, keep_ratio=0.5, padding="score")

@@ -61,10 +61,10 @@ def test_gating_skips_cross_attention_from_the_gate_on(pipe):
     image = generate(pipe)
     h.remove()
     rep = proc.report
-    n, gate = rep.num_calls, proc._gen.gate_start
+    n, gate = rep.num_calls, proc.schedule.gate_start
     assert gate == int(np.ceil(0.5 * n)) and len(calls) == gate
     assert [s.gated for s in rep.steps] == [c >= gate for c in range(n)]
-    assert all(s.flops_done == 0 and s.flops_full > 0 for s in rep.steps if s.gated)
+    assert all(s.flops_done == 0 and s.flops_stock > 0 for s in rep.steps if s.gated)
     assert np.isfinite(image).all() and rep.flops_saved > 0.5
     assert "gated" in rep.summary()
 
@@ -74,7 +74,7 @@ def test_guidance_collapse_runs_one_batch_after_the_gate(pipe):
     batches, h = hook_count(pipe.unet)
     image = generate(pipe, callback_on_step_end=CollapseGuidance(proc, pipe))
     h.remove()
-    gate = proc._gen.gate_start
+    gate = proc.schedule.gate_start
     assert [b[0] for b in batches] == [2] * gate + [1] * (len(batches) - gate)
     assert np.isfinite(image).all()
     assert pipe.guidance_scale == 0.0  # diffusers' own way of switching guidance off mid-run

@@ -11,12 +11,14 @@ or, keeping the processors already installed and the pipeline's tokenizer for re
     >>> remove_token_pruning(pipe)
 """
 
+from .clock import CallInfo, GenerationClock, get_clock
 from .config import TokenPruneConfig
 from .deepcache import DeepCache, apply_deep_cache, get_deep_cache, remove_deep_cache
 from .guidance import CollapseGuidance
 from .patch import apply_token_pruning, get_token_pruning, remove_token_pruning
 from .processor import TokenPruneProcessor
 from .report import PruneReport, StepRecord
+from .schedule import CallPlan, Schedule, deep_cache_plan, plan_generation
 from .tokenizer import load_clip_tokenizer
 
 __all__ = [
@@ -32,6 +34,13 @@ __all__ = [
     "get_token_pruning",
     "PruneReport",
     "StepRecord",
+    "GenerationClock",
+    "CallInfo",
+    "get_clock",
+    "Schedule",
+    "CallPlan",
+    "plan_generation",
+    "deep_cache_plan",
     "load_clip_tokenizer",
 ]
 

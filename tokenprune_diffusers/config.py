@@ -1,15 +1,22 @@
-"""Options of :class:`~tokenprune_diffusers.TokenPruneProcessor`, validated at construction."""
+"""The options of token pruning: one frozen dataclass, the single source of their defaults,
+validation and documentation (the processor, :func:`~tokenprune_diffusers.apply_token_pruning`
+and the demo's command line all read them from here)."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
-__all__ = ["TokenPruneConfig", "PADDING_POLICIES"]
+__all__ = ["TokenPruneConfig", "PADDING_POLICIES", "RULES"]
 
 PADDING_POLICIES = ("score", "keep", "drop")
+RULES = ("threshold", "keep_ratio", "top_k")
 
 DEFAULT_THRESHOLD = 0.1
+
+
+def _opt(default, help: str, group: str = "tinker"):
+    return field(default=default, metadata={"help": help, "group": group})
 
 
 @dataclass(frozen=True)
@@ -18,58 +25,76 @@ class TokenPruneConfig:
 
     Scores. A prompt token's raw score is the cross-attention probability mass it receives,
     averaged over heads and image positions and summed over cross-attention layers and the scored
-    UNet calls (the warm-up). Per layer the mass sums to 1 over the 77 positions and the start token
-    takes most of it, so the
-    rules below use the *normalised* score: raw score divided by the largest raw score among the
-    prompt's words (the tokens between start and end-of-text). A word scoring 1.0 is the most
-    looked-at word of its prompt; ``threshold=0.1`` drops the words receiving less than a tenth
-    of that. The normalisation makes ``threshold`` mean the same for short and long prompts and
-    for models whose start token takes 90% or 99% of the mass.
+    calls (the warm-up). Per layer the mass sums to 1 over the 77 positions and the start token
+    takes most of it, so the rules use the *normalised* score: raw score divided by the largest raw
+    score among the prompt's words (the tokens between start and end-of-text). A word scoring 1.0
+    is the most looked-at word of its prompt; ``threshold=0.1`` drops the words receiving less than
+    a tenth of that. The normalisation makes ``threshold`` mean the same for short and long prompts
+    and for models whose start token takes 90% or 99% of the mass.
 
-    The start and end-of-text tokens are always kept. Exactly one pruning rule is active.
+    The start and end-of-text tokens are always kept. Exactly one pruning rule is active
+    (``threshold`` when none is given). The ``help`` of each field (``TokenPruneConfig.help()``) is
+    what the README's table and the demo's ``--help`` show.
     """
 
-    # --- important args ---
-    threshold: float | None = None  # keep candidates whose normalised score >= threshold; 0.1 if no other rule
-    warmup: float = 0.2  # share of the generation's UNet calls that keep every token (and are scored)
-    keep_ratio: float | None = None  # instead of threshold: keep this share of candidates, best first
-    top_k: int | None = None  # instead of threshold: keep the k best candidates
-    # --- speed beyond pruning ---
-    reuse_kv: bool = True  # project the (pruned) prompt to K/V once per layer and generation: exact
-    gate: float | None = None  # from this share of the UNet calls on, reuse each layer's cached cross-attention output (T-GATE)
-    # --- args to tinker with ---
-    min_tokens: int = 1  # floor: at least this many words stay per prompt (best first), whatever the rule
-    padding: str = "score"  # positions after end-of-text: "score" like words, always "keep", or always "drop"
-    num_steps: int | None = None  # UNet calls per generation, only for hand-written loops (pipelines report it)
-    score_chunk: int = 1 << 22  # elements of one (B, heads, positions, tokens) probability chunk when scoring
-    record_maps: bool = True  # keep per-token spatial maps of the scored calls (for heat maps)
+    threshold: float | None = _opt(None, f"keep candidates whose normalised score is >= this (in [0, 1]; {DEFAULT_THRESHOLD} when no other rule is given)", "rule")
+    warmup: float = _opt(0.2, "share of the generation's steps that keep every token and are scored; 1.0 never prunes (and never scores)", "rule")
+    keep_ratio: float | None = _opt(None, "instead of threshold: keep this share of the candidates, best first", "rule")
+    top_k: int | None = _opt(None, "instead of threshold: keep the k best candidates", "rule")
+    reuse_kv: bool = _opt(True, "project the (pruned) prompt to keys and values once per layer and generation: exact", "speed")
+    gate: float | None = _opt(None, "from this share of the steps on, reuse each layer's cross-attention output of the last computed call (T-GATE): approximate", "speed")
+    min_tokens: int = _opt(1, "floor: at least this many words stay per prompt (best first), whatever the rule")
+    padding: str = _opt("score", "positions after end-of-text: candidates like words (\"score\"), never pruned (\"keep\"), or always pruned (\"drop\")")
+    num_steps: int | None = _opt(None, "denoiser calls per generation, only for hand-written loops (pipelines report it)")
+    score_chunk: int = _opt(1 << 22, "elements of one (batch, heads, positions, tokens) probability chunk while scoring (peak memory)")
+    record_maps: bool = _opt(True, "keep per-token spatial maps of the scored calls (for heat maps)")
 
     def __post_init__(self) -> None:
-        rules = {k: getattr(self, k) for k in ("threshold", "keep_ratio", "top_k") if getattr(self, k) is not None}
+        rules = {k: getattr(self, k) for k in RULES if getattr(self, k) is not None}
         if len(rules) > 1:
             given = ", ".join(f"{k}={v!r}" for k, v in rules.items())
             raise ValueError(f"give one pruning rule, not several: {given}")
-        if self.threshold is not None:
-            check_unit("threshold", self.threshold)
+        for name in ("threshold", "keep_ratio", "gate"):
+            if getattr(self, name) is not None:
+                check_unit(name, getattr(self, name))
         check_unit("warmup", self.warmup)
-        if self.gate is not None:
-            check_unit("gate", self.gate)
-        if not isinstance(self.reuse_kv, bool):
-            raise ValueError(f"reuse_kv must be True or False, got {self.reuse_kv!r}")
-        if self.keep_ratio is not None:
-            check_unit("keep_ratio", self.keep_ratio)
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0):
+        for name in ("reuse_kv", "record_maps"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.top_k is not None and not _is_int(self.top_k, 0):
             raise ValueError(f"top_k must be a non-negative int, got {self.top_k!r}")
-        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+        if not _is_int(self.min_tokens, 0):
             raise ValueError(f"min_tokens must be a non-negative int, got {self.min_tokens!r}")
         if self.padding not in PADDING_POLICIES:
             raise ValueError(f"padding must be one of {PADDING_POLICIES}, got {self.padding!r}")
         if self.num_steps is not None:
             check_positive_int("num_steps", self.num_steps)
-        if not isinstance(self.score_chunk, int) or self.score_chunk < 1:
-            raise ValueError(f"score_chunk must be a positive int, got {self.score_chunk!r}")
+        check_positive_int("score_chunk", self.score_chunk)
         if self.rule == "threshold" and self.threshold is None:
             object.__setattr__(self, "threshold", DEFAULT_THRESHOLD)
+
+    @classmethod
+    def from_options(cls, **options) -> TokenPruneConfig:
+        """``TokenPruneConfig(**options)``, with an unknown option refused by name."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"unknown token-pruning option(s) {', '.join(unknown)}; the options are: {', '.join(sorted(known))}")
+        return cls(**options)
+
+    @classmethod
+    def help(cls) -> dict[str, tuple[object, str, str]]:
+        """Field name -> (default, help text, group), in declaration order."""
+        return {f.name: (f.default, f.metadata["help"], f.metadata["group"]) for f in fields(cls)}
+
+    @classmethod
+    def markdown_table(cls) -> str:
+        """The options as the README's table: option, default, meaning."""
+        rows = ["| option | default | meaning |", "| --- | --- | --- |"]
+        for name, (default, text, _) in cls.help().items():
+            shown = "-" if default is None else f'`"{default}"`' if isinstance(default, str) else f"`{default!r}`"
+            rows.append(f"| `{name}` | {shown} | {text} |")
+        return "\n".join(rows)
 
     @property
     def rule(self) -> str:
@@ -80,33 +105,22 @@ class TokenPruneConfig:
             return "top_k"
         return "threshold"
 
-    def gate_start(self, num_calls: int) -> int | None:
-        """Index of the first gated UNet call (cross-attention output reused), or None.
+    @property
+    def rule_value(self) -> float | int:
+        return getattr(self, self.rule)
 
-        Calls before it compute cross-attention; the last of them fills the cache. At least one call
-        is always computed.
-        """
-        if self.gate is None:
-            return None
-        start = min(max(math.ceil(self.gate * num_calls - 1e-9), 1), num_calls)
-        return None if start >= num_calls else start
 
-    def prune_start(self, num_calls: int) -> int:
-        """Index of the first pruned UNet call of a generation of ``num_calls`` calls.
-
-        Calls ``0 .. prune_start - 1`` keep every token and are scored. At least one call is always
-        scored (``warmup=0`` prunes from call 1); ``prune_start == num_calls`` means nothing is pruned.
-        """
-        start = math.ceil(self.warmup * num_calls - 1e-9)
-        return min(max(start, 1), num_calls)
+def _is_int(value, minimum: int) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value >= minimum
 
 
 def check_positive_int(name: str, value: int) -> None:
     """Raise a ValueError naming ``name`` unless ``value`` is an int >= 1 (bools refused)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not _is_int(value, 1):
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def check_unit(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+    """Raise a ValueError naming ``name`` unless ``value`` is a number in [0, 1] (NaN and bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0 or math.isnan(value):
         raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")

@@ -7,9 +7,9 @@ while the outer (high-resolution) blocks carry the detail. So on most calls only
 below (the output of the deeper up blocks) is taken from the last full call.
 
 Wiring only: every skipped block gets a :class:`diffusers.hooks.ModelHook` whose ``new_forward``
-returns that block's output of the last full call instead of computing it; the UNet gets one hook
-that decides, once per call, whether the call is full or cached. Removing the hooks restores the
-original forwards exactly.
+returns that block's output of the last full call instead of computing it; which calls are cached
+is the pure :func:`~tokenprune_diffusers.schedule.deep_cache_plan`, followed on the UNet's clock
+(shared with the token-pruning processor). Removing the hooks restores the original forwards exactly.
 
 It composes with :class:`~tokenprune_diffusers.TokenPruneProcessor` (pruning, K/V reuse, gating)
 and :class:`~tokenprune_diffusers.CollapseGuidance`: a call whose batch differs from the cached one
@@ -18,21 +18,18 @@ and :class:`~tokenprune_diffusers.CollapseGuidance`: a call whose batch differs 
 
 from __future__ import annotations
 
-import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
+from .clock import CallInfo, GenerationClock, attach_clock, detach_clock, get_clock
 from .config import check_positive_int, check_unit
-from .context import find_pipeline_call
 from .processor import TokenPruneProcessor
+from .schedule import deep_cache_plan
 
 __all__ = ["DeepCache", "DeepCacheConfig", "apply_deep_cache", "remove_deep_cache", "get_deep_cache"]
 
-_UNET_HOOK = "tokenprune_deep_cache"
 _BLOCK_HOOK = "tokenprune_deep_cache_block"
 
 
@@ -42,7 +39,7 @@ class DeepCacheConfig:
 
     # --- important args ---
     interval: int = 3  # one full UNet call, then interval - 1 cached calls; 1 never reuses (exact)
-    start: float = 0.0  # share of a generation's UNet calls computed in full before reuse begins
+    start: float = 0.0  # share of a generation's steps computed in full before reuse begins
     # --- args to tinker with ---
     depth: int = 1  # outer levels (down block + matching up block) computed on every call
     num_steps: int | None = None  # UNet calls per generation, only for hand-written loops (pipelines report it)
@@ -54,45 +51,39 @@ class DeepCacheConfig:
         if self.num_steps is not None:
             check_positive_int("num_steps", self.num_steps)
 
-    def start_call(self, num_calls: int) -> int:
-        """Index of the first UNet call that may reuse deep features (call 0 is always full)."""
-        return max(1, math.ceil(self.start * num_calls - 1e-9))
-
 
 @dataclass
 class _State:
-    """The running generation, shared by the UNet hook and the block hooks."""
+    """The running generation, shared by the clock's calls and the block hooks."""
 
-    key: Any = None  # the pipeline call's generation key; None in hand-written loops
-    num_calls: int | None = None
-    call: int = -1  # index of the running UNet call in the generation
+    generation: int = 0  # the clock's generation number
+    plan: tuple[bool, ...] | None = None  # per call: reuse? (deep_cache_plan); None: calls unknown
+    full: set[int] = field(default_factory=set)  # calls forced full (the batch changed)
     reuse: bool = False  # the running call reuses the deep features
-    since_full: int = 0  # cached calls since the last full call
     signature: tuple | None = None  # (shape, dtype, device) of the sample of the last full call
     outputs: dict[int, Any] = field(default_factory=dict)  # skipped block -> its output of the last full call
     schedule: list[bool] = field(default_factory=list)  # per call of the generation: reused?
-
-    def clear(self) -> None:
-        self.outputs.clear()
-        self.signature = None
-        self.since_full = 0
 
 
 class DeepCache:
     """Handle of the deep-feature cache installed on one UNet (see :func:`apply_deep_cache`).
 
+    It follows the UNet's :class:`~tokenprune_diffusers.clock.GenerationClock` and its plan is
+    :func:`~tokenprune_diffusers.schedule.deep_cache_plan`; a call whose sample differs from the
+    cached one (the first call after guidance collapse) is computed in full and the plan restarts there.
+
     Attributes:
         config: the :class:`DeepCacheConfig`.
+        clock: the UNet's clock.
         schedule: per UNet call of the running (or last) generation, True where the call reused the
             deep features; ``schedule.count(True)`` calls were cached.
     """
 
     def __init__(self, unet: Any, config: DeepCacheConfig) -> None:
         self.config = config
+        self.clock: GenerationClock | None = None
         self._unet = unet
         self._state = _State()
-        self._pending: int | None = None
-        self._warned = False
 
     def __repr__(self) -> str:
         c = self.config
@@ -104,70 +95,45 @@ class DeepCache:
 
     def begin_generation(self, num_steps: int) -> None:
         """Start a generation in a hand-written loop: ``num_steps`` UNet calls follow."""
-        check_positive_int("num_steps", num_steps)
-        self._pending = num_steps
+        self.clock.begin_generation(num_steps)
 
     def reset(self) -> None:
         """Forget the running generation and its cached features."""
         self._state = _State()
-        self._pending = None
+        self.clock.reset()
 
-    # ------------------------------------------------------------------ per UNet call
-    def _next_call(self, sample: torch.Tensor, adapters: bool) -> None:
-        st, cfg = self._state, self.config
-        ctx = None if self._pending is not None else find_pipeline_call()
-        if self._pending is not None:
-            self._start(None, self._pending)
-            self._pending = None
-        elif ctx is not None and ctx.num_calls is not None:
-            if st.num_calls is None or st.key is not ctx.key:
-                self._start(ctx.key, ctx.num_calls)
-            else:
-                st.call += 1
-        elif st.num_calls is not None and st.key is None and st.call + 1 < st.num_calls:
-            st.call += 1  # a hand-written loop
-        elif cfg.num_steps is not None:
-            self._start(None, cfg.num_steps)
-        else:
-            if not self._warned:
-                self._warned = True
-                warnings.warn(
-                    "DeepCache cannot tell how many UNet calls this generation has (no diffusers pipeline call "
-                    "found on the stack), so it computes every call in full. In a hand-written loop, pass "
-                    "apply_deep_cache(..., num_steps=N) or call begin_generation(N) before the loop.",
-                    stacklevel=4,
-                )
-            self._start(None, None)
-        st = self._state
+    # ------------------------------------------------------------------ per UNet call (the clock calls these)
+    def on_call(self, info: CallInfo, args: tuple = (), kwargs: dict | None = None) -> None:
+        kwargs = kwargs or {}
+        sample = args[0] if args else kwargs["sample"]  # (B, C, h, w)
+        cfg, st = self.config, self._state
+        if info.generation != st.generation:
+            st.outputs.clear()
+            plan = None if info.num_calls is None else deep_cache_plan(info.num_calls, cfg.interval, cfg.start, calls_per_step=info.calls_per_step)
+            st = self._state = _State(generation=info.generation, plan=plan)
         signature = (tuple(sample.shape), sample.dtype, sample.device)
-        st.reuse = (
-            st.num_calls is not None
-            and not adapters  # T2I-Adapter residuals are added in place to block outputs
-            and st.call >= cfg.start_call(st.num_calls)
-            and st.signature == signature
-            and st.since_full + 1 < cfg.interval
-        )
-        if st.reuse:
-            st.since_full += 1
-        else:
-            st.clear()
-            st.signature = signature if st.num_calls is not None and cfg.interval > 1 else None
+        planned = st.plan is not None and info.call < len(st.plan) and st.plan[info.call]
+        adapters = bool(kwargs.get("down_intrablock_additional_residuals"))  # T2I-Adapter residuals are added in place
+        st.reuse = planned and not adapters and st.signature == signature
+        if planned and not st.reuse:  # forced full: the plan restarts from this call
+            st.full.add(info.call)
+            st.plan = deep_cache_plan(info.num_calls, cfg.interval, cfg.start, calls_per_step=info.calls_per_step, full=st.full)
+        if not st.reuse:
+            st.outputs.clear()
+            st.signature = signature if st.plan is not None and cfg.interval > 1 else None
         st.schedule.append(st.reuse)
-        if st.num_calls is not None and st.call >= st.num_calls - 1:
+        if st.plan is None or info.call >= len(st.plan) - 1:
             st.signature = None  # the last call: no later call may reuse; outputs are freed after it
 
-    def _start(self, key: Any, num_calls: int | None) -> None:
-        self._state = _State(key=key, num_calls=num_calls, call=0)
-
-    def _end_call(self) -> None:
+    def on_call_end(self, info: CallInfo) -> None:
         st = self._state
         if st.signature is None:  # nothing may reuse these outputs: free them now
             st.outputs.clear()
 
     # ------------------------------------------------------------------ wiring
-    def _install(self) -> None:
+    def _install(self, pipeline: Any) -> None:
         unet, depth = self._unet, self.config.depth
-        HookRegistry.check_if_exists_or_initialize(unet).register_hook(_UNetHook(self), _UNET_HOOK)
+        self.clock = attach_clock(unet, self, pipeline=pipeline, num_steps=self.config.num_steps)
         skipped = list(unet.down_blocks[depth:]) + [unet.mid_block] + list(unet.up_blocks[: len(unet.up_blocks) - depth])
         for block in skipped:
             if block is not None:
@@ -178,30 +144,12 @@ class DeepCache:
 
     def _uninstall(self) -> None:
         unet = self._unet
-        for module in [unet, *unet.down_blocks, unet.mid_block, *unet.up_blocks]:
+        for module in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
             registry = getattr(module, "_diffusers_hook", None)
             if registry is not None:
-                registry.remove_hook(_BLOCK_HOOK if module is not unet else _UNET_HOOK, recurse=False)
-        self._state.clear()  # free the features; the schedule of the last generation stays readable
-        self._pending = None
-
-
-class _UNetHook(ModelHook):
-    """Decides, before each UNet call, whether the call reuses the deep features."""
-
-    def __init__(self, cache: DeepCache) -> None:
-        super().__init__()
-        self.cache = cache
-
-    def pre_forward(self, module, *args, **kwargs):
-        sample = args[0] if args else kwargs["sample"]  # (B, C, h, w)
-        adapters = bool(kwargs.get("down_intrablock_additional_residuals"))
-        self.cache._next_call(sample, adapters)
-        return args, kwargs
-
-    def post_forward(self, module, output):
-        self.cache._end_call()
-        return output
+                registry.remove_hook(_BLOCK_HOOK, recurse=False)
+        detach_clock(unet, self)
+        self._state.outputs.clear()  # free the features; the schedule of the last generation stays readable
 
 
 class _BlockHook(ModelHook):
@@ -230,9 +178,8 @@ def _unet_of(model: Any):
 
 def get_deep_cache(model: Any) -> DeepCache | None:
     """The :class:`DeepCache` installed on ``model`` (a pipeline or its UNet), or None."""
-    registry = getattr(_unet_of(model), "_diffusers_hook", None)
-    hook = registry.get_hook(_UNET_HOOK) if registry is not None else None
-    return hook.cache if hook is not None else None
+    clock = get_clock(_unet_of(model))
+    return next((x for x in clock.listeners if isinstance(x, DeepCache)), None) if clock is not None else None
 
 
 def apply_deep_cache(
@@ -271,14 +218,14 @@ def apply_deep_cache(
         raise ValueError(
             f"depth must be below the UNet's {len(unet.down_blocks)} levels (something must be reused), got {depth}"
         )
-    if any(isinstance(p, TokenPruneProcessor) and not p._hooked for p in unet.attn_processors.values()):
+    if any(isinstance(p, TokenPruneProcessor) and not p.clock.hooked for p in unet.attn_processors.values()):
         raise ValueError(
             "a TokenPruneProcessor installed with set_attn_processor() counts UNet calls by its cross-attention "
             "layers, which DeepCache skips; install it with apply_token_pruning(pipe, ...) to combine the two"
         )
     remove_deep_cache(unet)
     cache = DeepCache(unet, config)
-    cache._install()
+    cache._install(model if model is not unet else None)
     return cache
 
 

@@ -5,7 +5,8 @@
     python -m tokenprune_diffusers --model PATH_OR_HUB_ID # a real checkpoint, where one can be had
     python -m tokenprune_diffusers --tiny --steps 4       # seconds: a tiny random pipeline (smoke test)
 
-Prints which tokens were kept or pruned at each UNet call, the timings of both runs, and writes
+Prints which tokens were kept or pruned at each UNet call, what pruning (and, apart, K/V reuse)
+removed from the cross-attention FLOPs, the median timings of interleaved runs, and writes
 the two images, the per-token heat maps and the report (JSON) to ``--out``.
 """
 
@@ -13,15 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .config import TokenPruneConfig
+from .config import PADDING_POLICIES, TokenPruneConfig
 from .heatmap import render_heatmaps
 from .patch import apply_token_pruning, remove_token_pruning
+from .processor import TokenPruneProcessor
 
 DEFAULT_PROMPT = "a cat wearing a red hat, highly detailed, studio lighting, trending on artstation"
 TOY_PROMPT = "a small red circle on the left and a large blue square on the right, highly detailed, studio lighting"
@@ -32,6 +35,11 @@ _DEFAULTS = {
     "tiny": (DEFAULT_PROMPT, 10, 64, 7.5),
     "model": (DEFAULT_PROMPT, 25, 512, 7.5),
 }
+
+
+# the pruning options the command line offers; their defaults and help come from TokenPruneConfig
+CLI_OPTIONS = ("threshold", "keep_ratio", "top_k", "warmup", "min_tokens", "padding")
+RULE_OPTIONS = ("threshold", "keep_ratio", "top_k")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,12 +54,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--size", type=int, default=None, help="image height and width in pixels (toy 32, SD-1.5 random 256)")
     ap.add_argument("--guidance-scale", type=float, default=None, help="toy 2.0, others 7.5")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each pipeline, interleaved, after one untimed warm-up run each")
     rule = ap.add_mutually_exclusive_group()
-    rule.add_argument("--threshold", type=float, default=None, help="normalised-score threshold (default 0.1)")
-    rule.add_argument("--keep-ratio", type=float, default=None, help="keep this share of the candidate tokens instead")
-    rule.add_argument("--top-k", type=int, default=None, help="keep the k best candidate tokens instead")
-    ap.add_argument("--warmup", type=float, default=0.2, help="share of UNet calls that keep every token")
-    ap.add_argument("--padding", choices=("score", "keep", "drop"), default="score")
+    for name, (default, text, _) in TokenPruneConfig.help().items():
+        if name not in CLI_OPTIONS:
+            continue
+        group = rule if name in RULE_OPTIONS else ap
+        kind = {"padding": str, "top_k": int, "min_tokens": int}.get(name, float)
+        extra = {"choices": PADDING_POLICIES} if name == "padding" else {}
+        shown = "" if default is None else f" (default {default})"
+        group.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=f"{text}{shown}", **extra)
     ap.add_argument("--out", default="outputs/demo", help="folder for images, heat maps and report")
     args = ap.parse_args(argv)
     args.source = "model" if args.model else "sd15-random" if args.sd15_random else "tiny" if args.tiny else "toy"
@@ -64,8 +76,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error(f"--steps must be >= 1, got {args.steps}")
     if args.size < 8 or args.size % 8:
         ap.error(f"--size must be a positive multiple of 8, got {args.size}")
+    if args.repeats < 1:
+        ap.error(f"--repeats must be >= 1, got {args.repeats}")
     try:  # refuse bad pruning options before minutes are spent building the pipeline
-        TokenPruneConfig(threshold=args.threshold, keep_ratio=args.keep_ratio, top_k=args.top_k, warmup=args.warmup, padding=args.padding)
+        args.config = TokenPruneConfig(**{k: getattr(args, k) for k in CLI_OPTIONS if getattr(args, k) is not None})
     except ValueError as err:
         ap.error(str(err))
     return args
@@ -115,27 +129,37 @@ def main(argv: list[str] | None = None) -> int:
             ).images[0]
         return img, time.perf_counter() - t0
 
-    print(f"stock run: {args.steps} steps at {size}x{size} ...", flush=True)
-    stock_img, stock_s = generate()
-    proc = apply_token_pruning(
-        pipe, threshold=args.threshold, keep_ratio=args.keep_ratio, top_k=args.top_k, warmup=args.warmup, padding=args.padding
-    )
-    print(f"pruned run: {proc!r} ...", flush=True)
-    pruned_img, pruned_s = generate()
-    report = proc.report
-    remove_token_pruning(pipe)
+    def pruned():
+        proc = apply_token_pruning(pipe, TokenPruneProcessor(args.config))
+        img, seconds = generate()
+        remove_token_pruning(pipe)
+        return img, seconds, proc.report
+
+    print(f"stock and pruned ({TokenPruneProcessor(args.config)!r}): {args.steps} steps at {size}x{size}, "
+          f"one warm-up run each, then {args.repeats} timed runs each, interleaved ...", flush=True)
+    stock_img, _ = generate()
+    pruned_img, _, report = pruned()
+    stock_s, pruned_s = [], []
+    for r in range(args.repeats):  # alternate which goes first
+        for which in ("stock", "pruned") if r % 2 == 0 else ("pruned", "stock"):
+            if which == "stock":
+                stock_s.append(generate()[1])
+            else:
+                pruned_s.append(pruned()[1])
 
     print()
     print(report.summary(max_rows=2))
     print()
     print(f"model: {label}")
-    print(f"stock : {stock_s:7.2f} s")
-    print(f"pruned: {pruned_s:7.2f} s  ({stock_s / pruned_s:.2f}x; one run each, see benchmarks/ for medians)")
+    print(timing_lines(stock_s, pruned_s))
+    shares = report.savings()
+    print(f"cross-attention FLOPs against stock: pruning removed {100 * shares['pruning']:.1f}%, "
+          f"K/V reuse (exact, not pruning) removed {100 * shares['kv_reuse']:.1f}%, scoring added {-100 * shares['scoring']:.1f}%")
     diff = np.abs(stock_img.astype(np.float64) - pruned_img.astype(np.float64))
     mse = float((diff**2).mean())
     psnr = float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
     print(f"fidelity vs stock: PSNR {psnr:.2f} dB, max abs diff {diff.max():.4f}")
-    if report.keep is not None and bool(report.keep.all()):
+    if report.keep is None or bool(report.keep.all()):
         print("nothing was pruned: every candidate scored above the rule; try a higher --threshold or --keep-ratio 0.5")
 
     from PIL import Image
@@ -147,3 +171,16 @@ def main(argv: list[str] | None = None) -> int:
     (out / "report.json").write_text(json.dumps(summary, indent=1))
     print(f"wrote {out / 'stock.png'}, {out / 'pruned.png'}, {heat or '(no heat maps)'}, {out / 'report.json'}")
     return 0
+
+
+def timing_lines(stock: list[float], pruned: list[float]) -> str:
+    """Medians of the interleaved runs, and their ratio only when it is larger than the spread of the runs."""
+    a, b = statistics.median(stock), statistics.median(pruned)
+    lines = [f"stock : median {a:7.3f} s over {len(stock)} runs (min {min(stock):.3f}, max {max(stock):.3f})",
+             f"pruned: median {b:7.3f} s over {len(pruned)} runs (min {min(pruned):.3f}, max {max(pruned):.3f})"]
+    separated = max(pruned) < min(stock) or max(stock) < min(pruned)
+    if len(stock) > 1 and separated:
+        lines.append(f"speed: {a / b:.2f}x (every pruned run {'faster' if b < a else 'slower'} than every stock run)")
+    else:
+        lines.append("speed: within the noise (the runs overlap); see benchmarks/ for measured speedups")
+    return "\n".join(lines)

@@ -59,8 +59,8 @@ class CollapseGuidance(PipelineCallback):
         return self._inputs
 
     def callback_fn(self, pipeline, step_index: int, timestep, callback_kwargs: dict) -> dict:
-        gen = self.processor._gen
-        if gen is None or gen.gate_start is None or gen.call + 1 != gen.gate_start:
+        plan = self.processor.current_plan  # of the call that just ended
+        if plan is None or not plan.fill:  # collapse once, after the call that fills the gate
             return callback_kwargs
         if not getattr(pipeline, "do_classifier_free_guidance", False):
             return callback_kwargs

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
-import torch
-from diffusers.hooks import HookRegistry, ModelHook
-
+from .clock import attach_clock, detach_clock, get_clock
 from .processor import TokenPruneProcessor
 
 __all__ = ["apply_token_pruning", "remove_token_pruning", "get_token_pruning"]
@@ -36,7 +33,8 @@ def get_token_pruning(model: Any) -> TokenPruneProcessor | None:
 def apply_token_pruning(model: Any, processor: TokenPruneProcessor | None = None, **options: Any) -> TokenPruneProcessor:
     """Install token pruning on every attention layer of a pipeline's UNet (or of a UNet).
 
-    The processors already installed are kept and wrapped: stock ones are reproduced exactly,
+    The processor follows the UNet's clock (one diffusers hook on the UNet, one on the pipeline's
+    text encoder, see :mod:`tokenprune_diffusers.clock`). The processors already installed are kept and wrapped: stock ones are reproduced exactly,
     custom ones (IP-Adapter and the like) are called with the pruned text tokens. Applying twice
     replaces the first application (the original processors are still the ones remembered);
     :func:`remove_token_pruning` puts the original processor objects back.
@@ -44,7 +42,7 @@ def apply_token_pruning(model: Any, processor: TokenPruneProcessor | None = None
     Args:
         model: a diffusers pipeline (its ``unet`` and ``tokenizer`` are used) or a UNet.
         processor: a configured :class:`TokenPruneProcessor`; or give its options as keywords
-            (``threshold``, ``warmup``, ``keep_ratio``, ``top_k``, ``min_tokens``, ``padding``, ...).
+            (those of :class:`~tokenprune_diffusers.TokenPruneConfig`: ``threshold``, ``warmup``, ...).
 
     Returns:
         The installed processor; after a call, ``processor.report`` tells what was pruned.
@@ -53,8 +51,7 @@ def apply_token_pruning(model: Any, processor: TokenPruneProcessor | None = None
         raise TypeError(f"give a processor or its options, not both (got options {sorted(options)})")
     proc = processor if processor is not None else TokenPruneProcessor(**options)
     unet = _unet(model)
-    owner = proc._unet_ref() if proc._unet_ref is not None else None
-    if owner is not None and owner is not unet:
+    if proc.clock.hooked and proc.clock is not get_clock(unet):
         raise ValueError("this TokenPruneProcessor already wraps another UNet; give each UNet its own processor")
     installed = get_token_pruning(unet)
     originals = installed.originals if installed is not None and installed.originals is not None else unet.attn_processors
@@ -62,37 +59,24 @@ def apply_token_pruning(model: Any, processor: TokenPruneProcessor | None = None
     # a processor installed by hand remembers nothing: what diffusers would install stands in for it
     originals = {k: (_default_processor(modules[k]) if isinstance(p, TokenPruneProcessor) else p) for k, p in originals.items()}
     proc.wrap(originals, modules)
-    proc._unet_ref = weakref.ref(unet)
+    _release(unet, keep=proc)
+    pipeline = model if model is not unet else None
+    clock = attach_clock(unet, proc, pipeline=pipeline, num_steps=proc.config.num_steps)
+    proc.use_clock(clock, probe=next(iter(modules.values())))
     if getattr(model, "tokenizer", None) is not None:
         proc.tokenizer = model.tokenizer
     unet.set_attn_processor(proc)
-    registry = HookRegistry.check_if_exists_or_initialize(unet)
-    registry.remove_hook(_CALL_HOOK, recurse=False)
-    registry.register_hook(_CallHook(proc, next(iter(modules.values()))), _CALL_HOOK)
-    proc._hooked = True
     return proc
 
 
-_CALL_HOOK = "tokenprune_unet_call"
-
-
-class _CallHook(ModelHook):
-    """Tells the processor that a UNet call starts (with its text states), so that calls in which
-    no cross-attention layer runs (DeepCache) are counted too."""
-
-    def __init__(self, processor: TokenPruneProcessor, probe) -> None:
-        super().__init__()
-        self.processor = processor
-        self.probe = weakref.ref(probe)  # an attention module: is the processor still installed?
-
-    def pre_forward(self, module, *args, **kwargs):
-        probe = self.probe()
-        if probe is None or probe.processor is not self.processor:  # replaced by set_attn_processor(): idle
-            return args, kwargs
-        text = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)  # (B, L, D)
-        if isinstance(text, torch.Tensor) and text.ndim == 3:
-            self.processor._unet_call(text)
-        return args, kwargs
+def _release(unet, keep: TokenPruneProcessor | None = None) -> None:
+    """Unsubscribe from the UNet's clock every token-pruning processor but ``keep`` (the clock's
+    hooks go with the last subscriber)."""
+    clock = get_clock(unet)
+    for listener in clock.listeners if clock is not None else ():
+        if isinstance(listener, TokenPruneProcessor) and listener is not keep:
+            detach_clock(unet, listener)
+            listener.use_clock(None)
 
 
 def _default_processor(attn):
@@ -109,15 +93,11 @@ def remove_token_pruning(model: Any) -> None:
     installs by default (``AttnProcessor2_0``) is put in its place.
     """
     unet = _unet(model)
-    registry = getattr(unet, "_diffusers_hook", None)
-    if registry is not None:
-        registry.remove_hook(_CALL_HOOK, recurse=False)
     installed = get_token_pruning(unet)
+    _release(unet)
     if installed is None:
         return
-    installed._hooked = False
     if installed.originals is not None:
         unet.set_attn_processor(dict(installed.originals))
     else:
         unet.set_attn_processor({k: _default_processor(m) for k, m in _attention_modules(unet).items()})
-    installed._unet_ref = None

@@ -1,204 +1,124 @@
 """``TokenPruneProcessor``: prompt-token pruning inside diffusers' cross-attention.
 
-Reading order: the processor's ``__call__`` (self-attention is handed to the stock processor,
-cross-attention goes through ``_cross_attention``, whose skeleton is ``AttnProcessor2_0``'s with two
-additions marked ``# --- pruning`` and ``# --- scoring``), then the per-generation bookkeeping.
+Reading order: ``__call__`` (self-attention goes to the stock processor, cross-attention to
+``_cross_attention``, whose skeleton is ``AttnProcessor2_0``'s with four additions marked
+``# ---``: gating, pruning, K/V reuse, scoring); then ``on_call``, which the clock calls at every
+denoiser call and which reads the generation's plan from :mod:`~tokenprune_diffusers.schedule`.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 import weakref
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
-from .config import TokenPruneConfig, check_positive_int
-from .context import PipelineCall, find_pipeline_call, token_roles, unknown_roles
-from .report import PruneReport, StepRecord, cross_attention_flops
-from .scoring import (
-    SPECIAL,
-    additive_mask,
-    attention_mass,
-    gather_mask,
-    gather_rows,
-    kept_index,
-    normalise_scores,
-    select_tokens,
-)
+from .clock import CallInfo, GenerationClock
+from .config import TokenPruneConfig
+from .generation import GenerationState, text_signature
+from .report import PruneReport, StepRecord, add_cross_attention_flops
+from .schedule import CallPlan, Schedule, plan_generation
+from .scoring import additive_mask, gather_mask, gather_rows
 
 __all__ = ["TokenPruneProcessor"]
 
 _STOCK = (AttnProcessor2_0,)  # the processor whose maths the skeleton below reproduces
 
 
-@dataclass
-class _Plan:
-    """What the current UNet call does in every cross-attention layer."""
-
-    score: bool = False  # compute attention probabilities and add them to the scores
-    index: torch.Tensor | None = None  # (B, K) kept positions, or None: keep all
-    valid: torch.Tensor | None = None  # (B, K) False on padded slots, or None
-    fill: bool = False  # last computed call before the gate: keep each layer's output
-    gated: bool = False  # return each layer's kept output instead of computing cross-attention
-
-    def rows(self, batch: int) -> _Plan:
-        """The plan for a batch of ``batch`` rows: after guidance collapse only the last (conditional)
-        rows remain."""
-        if self.index is None or self.index.shape[0] == batch:
-            return self
-        valid = None if self.valid is None else self.valid[-batch:]
-        return _Plan(self.score, self.index[-batch:], valid, self.fill, self.gated)
-
-
-@dataclass
-class _Generation:
-    """State of one generation (one pipeline call, or one hand-written loop)."""
-
-    key: Any  # identity of the generation (the scheduler's timesteps tensor, or a manual marker)
-    num_calls: int | None  # UNet calls in the generation, None when unknown
-    prune_start: int | None  # first pruned call, None when nothing will be pruned
-    shape: tuple[int, int]  # (B, L) of the prompt batch
-    latent_hw: tuple[int, int] | None
-    report: PruneReport
-    gate_start: int | None = None  # first gated call, None: never gated
-    uniform_rows: torch.Tensor | None = None  # (B,) rows whose tokens are all identical (SDXL's zero negative prompt)
-    text_sig: tuple = ()  # identity of the current call's prompt tensor (for K/V reuse)
-    stopped: bool = False  # the pipeline did something unforeseen: compute as stock from here on
-    kv: dict = field(default_factory=dict)  # layer id -> (text, index, key, value): projected prompt
-    out: dict = field(default_factory=dict)  # layer id -> cross-attention output kept for the gated calls
-    manual: bool = False  # started by begin_generation() / num_steps rather than by a pipeline
-    call: int = 0  # index of the current UNet call
-    plan: _Plan | None = None
-
-
 class TokenPruneProcessor:
     r"""Cross-attention processor that drops the prompt tokens the image no longer looks at.
 
-    For the first ``warmup`` share of a generation's UNet calls every token is kept and each
-    token's cross-attention probability mass is accumulated (over heads, image positions and
-    layers). At the end of the warm-up each prompt of the batch (negative prompts of CFG included)
-    keeps its start and end-of-text tokens plus the candidates its rule selects; from then on the
-    pruned tokens are removed from the cross-attention keys and values (the encoder states are
-    gathered before the K/V projections, so the work is really saved). Self-attention is
-    computed exactly as the stock ``AttnProcessor2_0`` computes it.
-
-    The processor finds the number of UNet calls and the start of each generation by itself
-    inside any diffusers pipeline call (see :mod:`tokenprune_diffusers.context`). In a hand-written
-    loop, pass ``num_steps`` or call :meth:`begin_generation` before the loop.
+    For the warm-up share of a generation's steps every token is kept and each token's
+    cross-attention probability mass is accumulated (over heads, image positions and layers). At the
+    end of the warm-up each row of the batch (negative prompts of CFG included) keeps its start and
+    end-of-text tokens plus the candidates its rule selects; from then on the pruned tokens are
+    removed from the cross-attention keys and values (the encoder states are gathered before the
+    K/V projections, so the work is really saved). Self-attention is computed by the stock
+    ``AttnProcessor2_0``.
 
     Example:
         >>> pipe.unet.set_attn_processor(TokenPruneProcessor(threshold=0.1, warmup=0.2))
         >>> image = pipe("a cat wearing a red hat", num_inference_steps=25).images[0]
-        >>> print(pipe.unet.attn_processors[next(iter(pipe.unet.attn_processors))].report.summary())
 
-    Important args:
-        threshold (float in [0, 1], default 0.1 when no other rule is given): keep the candidates
-            whose normalised score is at least this; 1.0 is the prompt's most looked-at word.
-        warmup (float in [0, 1], default 0.2): share of UNet calls that keep every token and are
-            scored. ``1.0`` never prunes (and never scores: output identical to stock).
-        keep_ratio (float in [0, 1]): instead of ``threshold``, keep this share of the candidates.
-        top_k (int): instead of ``threshold``, keep the k best candidates.
+    Args:
+        config: a :class:`~tokenprune_diffusers.TokenPruneConfig`; or give its options by name
+            (``threshold``, ``warmup``, ``keep_ratio``, ``top_k``, ``min_tokens``, ``padding``,
+            ``num_steps``, ``reuse_kv``, ``gate``, ...; their defaults and meaning are documented
+            there, once).
 
-    Args to tinker with:
-        min_tokens (int, default 1): at least this many words stay per prompt.
-        padding ("score" | "keep" | "drop", default "score"): positions after end-of-text are
-            candidates like words ("score"), never pruned ("keep") or always pruned ("drop").
-        num_steps (int): UNet calls per generation for hand-written loops (pipelines report it).
-        reuse_kv (bool, default True): project the prompt to keys and values once per layer and
-            generation (the text does not change during a generation); exact.
-        gate (float in [0, 1]): from this share of the UNet calls on, skip cross-attention and reuse
-            each layer's output of the last computed call (T-GATE, arXiv 2404.02747); approximate.
-            With :class:`~tokenprune_diffusers.CollapseGuidance` as the pipeline's
-            ``callback_on_step_end``, the gated calls run one batch instead of two: each layer reuses
-            the kept output of the positive (prompt) rows.
-        score_chunk (int): elements of one probability chunk while scoring (peak memory).
-        record_maps (bool, default True): keep per-token spatial maps of the scored calls.
+    Installed by hand, the processor finds the running pipeline call itself (see
+    :mod:`tokenprune_diffusers.clock`); :func:`~tokenprune_diffusers.apply_token_pruning` gives it
+    the UNet's clock instead, which also counts calls on which no cross-attention runs. In a
+    hand-written loop pass ``num_steps`` or call :meth:`begin_generation` before the loop.
 
-    After (or during) a generation, :attr:`report` is a
-    :class:`~tokenprune_diffusers.report.PruneReport`: per call, which tokens were kept; the
-    scores; the words when a tokenizer is known; the share of cross-attention FLOPs saved.
+    After (or during) a generation, :attr:`report` is a :class:`~tokenprune_diffusers.PruneReport`.
     """
 
-    def __init__(
-        self,
-        threshold: float | None = None,
-        warmup: float = 0.2,
-        *,
-        keep_ratio: float | None = None,
-        top_k: int | None = None,
-        min_tokens: int = 1,
-        padding: str = "score",
-        num_steps: int | None = None,
-        reuse_kv: bool = True,
-        gate: float | None = None,
-        score_chunk: int = 1 << 22,
-        record_maps: bool = True,
-    ) -> None:
-        self.config = TokenPruneConfig(
-            threshold=threshold,
-            warmup=warmup,
-            keep_ratio=keep_ratio,
-            top_k=top_k,
-            min_tokens=min_tokens,
-            padding=padding,
-            num_steps=num_steps,
-            reuse_kv=reuse_kv,
-            gate=gate,
-            score_chunk=score_chunk,
-            record_maps=record_maps,
-        )
-        self.tokenizer = None  # set by apply_token_pruning, or found on the running pipeline
+    def __init__(self, config: TokenPruneConfig | None = None, /, **options: Any) -> None:
+        if config is not None and not isinstance(config, TokenPruneConfig):
+            raise TypeError(
+                f"expected a TokenPruneConfig, got {config!r}; give the options by name, "
+                "e.g. TokenPruneProcessor(threshold=0.1, warmup=0.2)"
+            )
+        if config is not None and options:
+            raise TypeError(f"give a config or its options, not both (got options {sorted(options)})")
+        self.config = config if config is not None else TokenPruneConfig.from_options(**options)
+        self.tokenizer = None  # used when the clock knows none (hand-written loops)
         self.report: PruneReport | None = None  # the running or last generation
         self.originals: dict[str, Any] | None = None  # processors this one replaced (apply_token_pruning)
+        self.clock = GenerationClock(num_steps=self.config.num_steps)  # replaced by the UNet's clock when applied
+        self.clock.subscribe(self)
         self._stock = AttnProcessor2_0()
         self._classic = AttnProcessor()  # diffusers' choice for layers with scale_qk=False
-        self._unet_ref = None  # the UNet this processor wraps (apply_token_pruning)
         self._inner: weakref.WeakKeyDictionary[Attention, Any] = weakref.WeakKeyDictionary()
-        self._gen: _Generation | None = None
-        self._seen: set[int] = set()  # cross-attention layers seen in the current UNet call
-        self._hooked = False  # apply_token_pruning's UNet hook announces every UNet call
-        self._pending: tuple[int, torch.Tensor | None] | None = None  # from begin_generation()
+        self._probe: weakref.ref | None = None  # an attention module: is this processor still installed?
+        self._gen: GenerationState | None = None
         self._warned: set[str] = set()
 
     def __repr__(self) -> str:
         c = self.config
-        rule = f"{c.rule}={getattr(c, c.rule)!r}"
-        return f"TokenPruneProcessor({rule}, warmup={c.warmup!r}, min_tokens={c.min_tokens}, padding={c.padding!r})"
+        return f"TokenPruneProcessor({c.rule}={c.rule_value!r}, warmup={c.warmup!r}, min_tokens={c.min_tokens}, padding={c.padding!r})"
 
     # ------------------------------------------------------------------ public API
     def wrap(self, originals: dict[str, Any], modules: dict[str, Attention]) -> None:
-        """Remember the processors this one replaces, per attention module (used by
-        :func:`~tokenprune_diffusers.apply_token_pruning`). Stock processors are run by the skeleton
-        below; any other (IP-Adapter and the like) is called with the pruned encoder states."""
+        """Remember the processors this one replaces, per attention module. Stock processors are run
+        by the skeleton below; any other (IP-Adapter and the like) is called with the pruned states."""
         self.originals = dict(originals)
         self._inner = weakref.WeakKeyDictionary()
         for name, proc in originals.items():
-            module = modules[name]
             if not isinstance(proc, TokenPruneProcessor):
-                self._inner[module] = proc
+                self._inner[modules[name]] = proc
+
+    def use_clock(self, clock: GenerationClock | None, probe: Attention | None = None) -> None:
+        """Follow ``clock`` (a denoiser's), idle whenever ``probe`` no longer runs this processor;
+        ``None``: back to a clock of its own."""
+        self.clock.unsubscribe(self)
+        self.clock = clock if clock is not None else GenerationClock(num_steps=self.config.num_steps)
+        self.clock.subscribe(self)
+        self._probe = weakref.ref(probe) if probe is not None else None
+        self._gen = None
 
     def begin_generation(self, num_steps: int, token_ids: torch.Tensor | None = None) -> None:
-        """Start a generation in a hand-written loop: ``num_steps`` UNet calls follow.
-
-        Args:
-            num_steps: UNet calls in the loop (one per step for most schedulers).
-            token_ids: (B, L) token ids of the UNet batch rows, so that start / end-of-text tokens
-                and padding are recognised (optional; without them only position 0 is protected).
-        """
-        check_positive_int("num_steps", num_steps)
-        self._pending = (num_steps, token_ids)
-        self._seen.clear()
+        """Start a generation in a hand-written loop (see :meth:`GenerationClock.begin_generation`)."""
+        self.clock.begin_generation(num_steps, token_ids)
 
     def reset(self) -> None:
-        """Forget the running generation (the next UNet call starts a new one)."""
+        """Forget the running generation (the next call starts a new one)."""
         self._gen = None
-        self._seen.clear()
-        self._pending = None
+        self.clock.reset()
+
+    @property
+    def schedule(self) -> Schedule | None:
+        """The running (or last) generation's plan."""
+        return self._gen.schedule if self._gen is not None else None
+
+    @property
+    def current_plan(self) -> CallPlan | None:
+        """The running (or last) call's plan."""
+        return self._gen.plan if self._gen is not None else None
 
     # ------------------------------------------------------------------ the processor
     def __call__(
@@ -221,87 +141,36 @@ class TokenPruneProcessor:
         return self._cross_attention(inner, attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
 
     @torch.compiler.disable
-    def _cross_attention(
-        self,
-        inner: Any,
-        attn: Attention,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | tuple,
-        attention_mask: torch.Tensor | None,
-        temb: torch.Tensor | None,
-        **kwargs: Any,
-    ) -> torch.Tensor:
-        text = encoder_hidden_states[0] if isinstance(encoder_hidden_states, tuple) else encoder_hidden_states
-        plan = self._plan(attn, text).rows(text.shape[0])
+    def _cross_attention(self, inner, attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs):
+        text = encoder_hidden_states[0] if isinstance(encoder_hidden_states, tuple) else encoder_hidden_states  # (B, L, D)
+        plan, index, valid = self._layer_plan(attn, text)
+        if self._gen is None:  # not following any generation (idle): as stock
+            return inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        n_query = hidden_states.shape[-2] * hidden_states.shape[-1] if hidden_states.ndim == 4 else hidden_states.shape[1]
         if plan.gated and id(attn) in self._gen.out:  # --- gating: cross-attention has converged; reuse its output
-            n_query = hidden_states.shape[-2] * hidden_states.shape[-1] if hidden_states.ndim == 4 else hidden_states.shape[1]
-            self._count(attn, text.shape[0], n_query, text.shape[1], 0, computed=False)
+            self._count(attn, text.shape[0], n_query, text.shape[1], text.shape[1], gated=True)
             return self._kept_output(attn, text.shape[0])
         if type(inner) not in _STOCK:  # subclasses may change the maths: delegate to them
-            return self._delegate(inner, plan, attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+            out = self._delegate(inner, plan, index, valid, attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        else:
+            out = self._skeleton(plan, index, valid, attn, hidden_states, text, attention_mask, temb, n_query)
+        if plan.fill or plan.gated:  # gated but not kept (a layer skipped by DeepCache when filling): keep now
+            self._gen.out[id(attn)] = out
+        return out
 
+    def _skeleton(self, plan, index, valid, attn, hidden_states, encoder_hidden_states, attention_mask, temb, n_query):
+        """``AttnProcessor2_0.__call__`` with the marked additions."""
         residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-
         input_ndim = hidden_states.ndim
-
         if input_ndim == 4:
             batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)  # (B, N, C)
-
-        batch_size, sequence_length, _ = encoder_hidden_states.shape  # (B, L, D)
-
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])  # (B, H, 1|N, L)
-            attention_mask = additive_mask(attention_mask, hidden_states.dtype)
-
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        query = attn.to_q(hidden_states)  # (B, N, C)
-
-        if attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-
-        # --- pruning: drop the pruned tokens before the K/V projections (the work saved)
-        if plan.index is not None:
-            attention_mask = gather_mask(attention_mask, plan.index, plan.valid, ndim=4)  # (B, H|1, 1|N, K)
-            if attention_mask is not None:
-                attention_mask = attention_mask.to(query.dtype)
-
-        # --- reuse: the prompt does not change during a generation; project it once per layer
-        kv = self._reused_kv(attn, text, plan)
-        if kv is None:
-            if plan.index is not None:
-                encoder_hidden_states = gather_rows(encoder_hidden_states, plan.index)  # (B, K, D)
-
-            key = attn.to_k(encoder_hidden_states)  # (B, K, C)
-            value = attn.to_v(encoder_hidden_states)  # (B, K, C)
-
-            head_dim = key.shape[-1] // attn.heads
-
-            key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (B, H, K, d)
-            value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (B, H, K, d)
-
-            if attn.norm_k is not None:
-                key = attn.norm_k(key)
-            self._keep_kv(attn, text, plan, key, value)
-        else:
-            key, value = kv
-
-        head_dim = key.shape[-1]
-
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (B, H, N, d)
-
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
+        query, key, value, attention_mask, reused = self._project(plan, index, valid, attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        batch_size, head_dim = query.shape[0], query.shape[-1]
 
         # --- scoring (warm-up calls only): the probabilities the fused kernel never materialises
         if plan.score:
-            self._accumulate(query, key, attention_mask)  # SDPA's default scale, as AttnProcessor2_0
-        self._count(attn, batch_size, query.shape[2], sequence_length, key.shape[-2], scored=plan.score, kv_reused=kv is not None)
+            self._gen.accumulate(query, key, attention_mask, self.config)  # SDPA's default scale, as AttnProcessor2_0
+        self._count(attn, batch_size, n_query, encoder_hidden_states.shape[1], key.shape[-2], scored=plan.score, kv_reused=reused)
 
         # the output of sdp = (batch, num_heads, seq_len, head_dim)
         hidden_states = F.scaled_dot_product_attention(
@@ -323,54 +192,103 @@ class TokenPruneProcessor:
             hidden_states = hidden_states + residual
 
         hidden_states = hidden_states / attn.rescale_output_factor
-
-        if plan.fill or plan.gated:  # gated but not kept (a layer skipped by DeepCache when filling): keep now
-            self._gen.out[id(attn)] = hidden_states
         return hidden_states
 
-    def _delegate(self, inner, plan, attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs):
-        """A custom processor (IP-Adapter and the like): score on our side, then call it with the
-        pruned text states and mask. Extra encoder inputs (IP-Adapter image tokens) are untouched."""
+    def _project(self, plan, index, valid, attn, hidden_states, encoder_hidden_states, attention_mask, temb, need_value=True):
+        """The skeleton's front half: (query, key, value, mask, K/V reused); value is None unless needed."""
+        text = encoder_hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+
+        if hidden_states.ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)  # (B, N, C)
+
+        batch_size, sequence_length, _ = encoder_hidden_states.shape  # (B, L, D)
+
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])  # (B, H, 1|N, L)
+            attention_mask = additive_mask(attention_mask, hidden_states.dtype)
+
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)  # (B, N, C)
+
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+
+        # --- pruning: drop the pruned tokens before the K/V projections (the work saved)
+        if index is not None:
+            attention_mask = gather_mask(attention_mask, index, valid, ndim=4)  # (B, H|1, 1|N, K)
+            if attention_mask is not None:
+                attention_mask = attention_mask.to(query.dtype)
+
+        # --- reuse: the prompt does not change during a generation; project it once per layer
+        kv = self._reused_kv(attn, text, index) if need_value else None
+        if kv is None:
+            if index is not None:
+                encoder_hidden_states = gather_rows(encoder_hidden_states, index)  # (B, K, D)
+
+            key = attn.to_k(encoder_hidden_states)  # (B, K, C)
+            value = attn.to_v(encoder_hidden_states) if need_value else None  # (B, K, C)
+
+            head_dim = key.shape[-1] // attn.heads
+
+            key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (B, H, K, d)
+            if value is not None:
+                value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (B, H, K, d)
+
+            if attn.norm_k is not None:
+                key = attn.norm_k(key)
+            if need_value and self.config.reuse_kv:
+                self._gen.kv[id(attn)] = (text, self._gen.text_sig, index, key, value)
+        else:
+            key, value = kv
+
+        head_dim = key.shape[-1]
+
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (B, H, N, d)
+
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        return query, key, value, attention_mask, kv is not None
+
+    def _delegate(self, inner, plan, index, valid, attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs):
+        """A custom processor (IP-Adapter and the like): score with the skeleton's front half, then
+        call it with the pruned text states and mask. Extra encoder inputs (IP-Adapter image tokens)
+        are untouched."""
         extra = encoder_hidden_states[1:] if isinstance(encoder_hidden_states, tuple) else None
         text = encoder_hidden_states[0] if extra is not None else encoder_hidden_states  # (B, L, D)
         length = text.shape[1]
         if plan.score:
-            query, key, mask = _scoring_inputs(attn, hidden_states, text, attention_mask, temb)
-            self._accumulate(query, key, mask, scale=attn.scale)
-        if plan.index is not None:
-            text = gather_rows(text, plan.index)  # (B, K, D)
+            query, key, _, mask, _ = self._project(plan, None, None, attn, hidden_states, text, attention_mask, temb, need_value=False)
+            self._gen.accumulate(query, key, mask, self.config, scale=attn.scale)
+        if index is not None:
+            text = gather_rows(text, index)  # (B, K, D)
             if attention_mask is not None:
                 attention_mask = additive_mask(attention_mask, hidden_states.dtype)
-            attention_mask = gather_mask(attention_mask, plan.index, plan.valid, ndim=3)  # (B, 1, K)
+            attention_mask = gather_mask(attention_mask, index, valid, ndim=3)  # (B, 1, K)
             if attention_mask is not None:
                 attention_mask = attention_mask.to(hidden_states.dtype)
         n_query = hidden_states.shape[-2] * hidden_states.shape[-1] if hidden_states.ndim == 4 else hidden_states.shape[1]
         self._count(attn, text.shape[0], n_query, length, text.shape[1], scored=plan.score)
         states = (text, *extra) if extra is not None else text
-        out = inner(attn, hidden_states, states, attention_mask, temb, **kwargs)
-        if plan.fill or plan.gated:  # gated but not kept (a layer skipped by DeepCache when filling): keep now
-            self._gen.out[id(attn)] = out
-        return out
+        return inner(attn, hidden_states, states, attention_mask, temb, **kwargs)
 
     # ------------------------------------------------------------------ caches
-    def _reused_kv(self, attn: Attention, text: torch.Tensor, plan: _Plan):
+    def _reused_kv(self, attn: Attention, text: torch.Tensor, index: torch.Tensor | None):
         """(key, value) projected on an earlier call of this generation from the same prompt
         tensor with the same kept tokens, or None."""
         if not self.config.reuse_kv:
             return None
         gen = self._gen
-        last = gen.num_calls is not None and gen.call >= gen.num_calls - 1
-        hit = gen.kv.pop(id(attn), None) if last else gen.kv.get(id(attn))  # free the cache on the last call
+        hit = gen.kv.pop(id(attn), None) if gen.last_call else gen.kv.get(id(attn))  # freed on the last call
         if hit is None:
             return None
-        src, sig, index, key, value = hit
-        if src is text and sig == gen.text_sig and index is plan.index:
-            return key, value
-        return None
-
-    def _keep_kv(self, attn: Attention, text: torch.Tensor, plan: _Plan, key: torch.Tensor, value: torch.Tensor) -> None:
-        if self.config.reuse_kv:
-            self._gen.kv[id(attn)] = (text, self._gen.text_sig, plan.index, key, value)
+        src, sig, kept, key, value = hit
+        return (key, value) if src is text and sig == gen.text_sig and kept is index else None
 
     def _kept_output(self, attn: Attention, batch: int) -> torch.Tensor:
         """The layer's output kept at the last computed call; after guidance collapse (half the
@@ -378,7 +296,7 @@ class TokenPruneProcessor:
         instead; on the trained toy model that cost far more prompt adherence (gate 0.4 + collapse,
         one-object prompts: 61% all-correct with the mean, 97% with the positive rows, stock 98%)."""
         gen = self._gen
-        last = gen.num_calls is not None and gen.call >= gen.num_calls - 1
+        last = gen.last_call
         out = gen.out.pop(id(attn)) if last else gen.out[id(attn)]  # (2B or B, ...); freed on the last call
         if out.shape[0] == batch:
             return out
@@ -389,237 +307,82 @@ class TokenPruneProcessor:
             gen.out[id(attn)] = positive
         return positive
 
-    # ------------------------------------------------------------------ bookkeeping
-    @torch.compiler.disable
-    def _unet_call(self, text: torch.Tensor) -> None:
-        """Called by apply_token_pruning's UNet hook before every UNet call, also the calls in
-        which no cross-attention layer runs (DeepCache's cached calls)."""
-        self._seen.clear()
-        self._next_call(text)
-
-    def _plan(self, attn: Attention, text: torch.Tensor) -> _Plan:
-        """Called by every cross-attention layer; without the UNet hook, a layer seen twice
-        means a new UNet call."""
-        if self._hooked and self._gen is not None:
-            return self._gen.plan
-        layer = id(attn)
-        if not self._seen or layer in self._seen:
-            self._seen.clear()
-            self._next_call(text)
-        self._seen.add(layer)
-        return self._gen.plan
-
-    def _next_call(self, text: torch.Tensor) -> None:
-        """A new UNet call starts: continue the running generation or start a new one."""
-        shape = (text.shape[0], text.shape[1])
+    # ------------------------------------------------------------------ per denoiser call (the clock calls these)
+    def on_call(self, info: CallInfo, args: tuple = (), kwargs: dict | None = None) -> None:
+        """A denoiser call starts: take its plan from the generation's schedule."""
+        probe = self._probe() if self._probe is not None else None
+        if self._probe is not None and (probe is None or probe.processor is not self):
+            return  # replaced by set_attn_processor(): idle
         gen = self._gen
-        ctx = None if self._pending is not None else find_pipeline_call()
-        if self._pending is not None:  # begin_generation() was called
-            num, ids = self._pending
-            self._pending = None
-            self._start(None, num, shape, ids, text.device, manual=True)
-        elif ctx is not None and ctx.num_calls is not None:  # inside a pipeline call
-            if gen is None or gen.key is not ctx.key or gen.shape[1] != shape[1]:
-                self._start_from_pipeline(ctx, shape, text.device)
-            else:
-                gen.call += 1
-                collapsed = gen.gate_start is not None and gen.call >= gen.gate_start and 2 * shape[0] == gen.shape[0]
-                if shape[0] != gen.shape[0] and not collapsed and not gen.stopped:
-                    self._stop(f"the batch changed from {gen.shape[0]} to {shape[0]} rows in the middle of a generation")
-        elif gen is not None and gen.manual:  # a hand-written loop: restart every num_calls calls
-            if gen.call + 1 >= gen.num_calls or gen.shape != shape:
-                ids = gen.report.token_ids if gen.shape == shape else None
-                self._start(None, gen.num_calls, shape, ids, text.device, manual=True)
-            else:
-                gen.call += 1
-        elif self.config.num_steps is not None:
-            self._start(None, self.config.num_steps, shape, None, text.device, manual=True)
-        else:
+        if gen is None or info.generation != gen.info.generation:
+            gen = self._gen = self._start(info)
+        elif not gen.stopped:
+            collapsed = gen.schedule is not None and gen.schedule[info.call].gated and 2 * info.batch == gen.batch
+            if info.num_calls is not None and info.call >= info.num_calls:
+                self._stop(f"the denoiser was called more than the {info.num_calls} times the pipeline announced")
+            elif info.batch != gen.batch and not collapsed:
+                self._stop(f"the batch changed from {gen.batch} to {info.batch} rows in the middle of a generation")
+        gen.info, gen.text_sig, gen.ran = info, None, set()
+        gen.plan = CallPlan(info.call, info.call) if gen.stopped or gen.schedule is None else gen.schedule[info.call]
+        if gen.plan.decide and gen.report.roles is not None:
+            gen.decide(self.config)
+        counts = gen.report.keep.sum(1).tolist() if gen.plan.prune and gen.index is not None else None
+        gen.report.steps.append(
+            StepRecord(call=info.call, pruned=counts is not None, scored=gen.plan.score, gated=gen.plan.gated,
+                       collapsed=info.batch < gen.batch, kept_counts=counts)
+        )
+
+    def on_call_end(self, info: CallInfo) -> None:
+        """A denoiser call ended: the layers that did not run (skipped by DeepCache) are credited to it."""
+        gen = self._gen
+        if gen is None or gen.info is not info or not gen.report.steps:
+            return
+        for layer, (dims, queries, tokens) in gen.layers.items():
+            if layer not in gen.ran:
+                add_cross_attention_flops(gen.report.steps[-1], dims, gen.batch, info.batch, queries, tokens, tokens, skipped=True)
+
+    def _start(self, info: CallInfo) -> GenerationState:
+        if info.tokenizer is not None:
+            self.tokenizer = info.tokenizer
+        schedule = None
+        if info.num_calls is not None:
+            schedule = plan_generation(info.num_calls, warmup=self.config.warmup, gate=self.config.gate, calls_per_step=info.calls_per_step)
+        self.report = PruneReport(num_calls=info.num_calls, schedule=schedule)
+        return GenerationState(info=info, schedule=schedule, report=self.report, batch=info.batch, plan=CallPlan(0, 0))
+
+    def _layer_plan(self, attn: Attention, text: torch.Tensor) -> tuple[CallPlan, torch.Tensor | None, torch.Tensor | None]:
+        """Called by every cross-attention layer: the call's plan and kept indices for these rows."""
+        if not self.clock.hooked:  # installed by hand: a layer seen twice means a new call
+            self.clock.layer_call(id(attn), text.shape[0])
+        gen = self._gen
+        if gen is None:
+            return CallPlan(0, 0), None, None
+        if gen.report.roles is None and not gen.bind_text(text, self.tokenizer) and gen.info.num_calls is not None:
             self._warn_once(
-                "steps",
-                "TokenPruneProcessor cannot tell how many UNet calls this generation has (no diffusers "
-                "pipeline call found on the stack), so it prunes nothing. In a hand-written loop, pass "
-                "TokenPruneProcessor(num_steps=N, ...) or call processor.begin_generation(N) before the loop.",
+                "roles",
+                "TokenPruneProcessor does not know the token ids of this batch (prompt_embeds given, no "
+                "tokenizer, or an unusual pipeline), so it cannot tell words from end-of-text and padding: only "
+                "position 0 (the start token) is protected. Pass token_ids to begin_generation().",
             )
-            if gen is None or gen.num_calls is not None or gen.shape != shape:
-                self._start(None, None, shape, None, text.device)
-            else:
-                gen.call += 1
-        gen = self._gen
-        if gen.num_calls is not None and gen.call >= gen.num_calls and not gen.stopped:
-            self._stop(f"the UNet was called more than the {gen.num_calls} times the pipeline announced")
-        if gen.uniform_rows is None:
-            gen.uniform_rows = (text == text[:, :1]).flatten(1).all(dim=1)  # (B,)
-        gen.text_sig = _signature(text)
-        self._prepare_call()
+        if gen.text_sig is None:
+            gen.text_sig = text_signature(text)
+        gen.ran.add(id(attn))
+        return (gen.plan, *gen.kept(text.shape[0]))
 
     def _stop(self, why: str) -> None:
         """Compute the rest of this generation as stock (no scoring, pruning or gating), and say why once."""
         self._gen.stopped = True
         self._warn_once("stopped", f"TokenPruneProcessor stops pruning and gating for this generation: {why}.")
 
-    def _start_from_pipeline(self, ctx: PipelineCall, shape: tuple[int, int], device: torch.device) -> None:
-        pipe = ctx.pipeline
-        tokenizer = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None) or self.tokenizer
-        if tokenizer is not None:
-            self.tokenizer = tokenizer
-        ids = None
-        if ctx.prompts is not None and tokenizer is not None and len(ctx.prompts) == shape[0]:
-            prompts = ctx.prompts
-            if hasattr(pipe, "maybe_convert_prompt"):  # textual inversion tokens, expanded as the pipeline does
-                prompts = pipe.maybe_convert_prompt(prompts, tokenizer)
-            ids = tokenizer(prompts, padding="max_length", max_length=shape[1], truncation=True, return_tensors="pt").input_ids
-        self._start(ctx.key, ctx.num_calls, shape, ids, device, prompts=ctx.prompts, latent_hw=ctx.latent_hw)
-
-    def _start(self, key, num_calls, shape, token_ids, device, prompts=None, latent_hw=None, manual=False) -> None:
-        B, L = shape
-        if token_ids is not None and tuple(token_ids.shape) == shape:
-            tok = self.tokenizer
-            roles = token_roles(token_ids.to(device), getattr(tok, "bos_token_id", None), getattr(tok, "eos_token_id", None))
-            tokens = [tok.convert_ids_to_tokens(row) for row in token_ids.tolist()] if tok is not None else None
-        else:
-            if num_calls is not None:
-                self._warn_once(
-                    "roles",
-                    "TokenPruneProcessor does not know the token ids of this batch (prompt_embeds or "
-                    "negative_prompt_embeds given, no tokenizer, or an unusual pipeline), so it cannot tell "
-                    "words from end-of-text and padding: only "
-                    "position 0 (the start token) is protected. Pass token_ids to begin_generation().",
-                )
-            roles, tokens, token_ids = unknown_roles(B, L, device), None, None
-        prune_start = self.config.prune_start(num_calls) if num_calls is not None else None
-        gate_start = self.config.gate_start(num_calls) if num_calls is not None else None
-        last = num_calls if gate_start is None else gate_start  # calls after it never compute cross-attention
-        if prune_start is not None and prune_start >= last:
-            prune_start = None  # the warm-up covers every computed call: nothing to score or prune
-        report = PruneReport(
-            num_calls=num_calls,
-            prune_start=prune_start,
-            prompts=prompts,
-            token_ids=token_ids,
-            tokens=tokens,
-            roles=roles,
-            mass=torch.zeros(B, L, dtype=torch.float32, device=device),
-        )
-        self.report = report
-        self._gen = _Generation(
-            key=key,
-            num_calls=num_calls,
-            prune_start=prune_start,
-            gate_start=gate_start,
-            shape=shape,
-            latent_hw=latent_hw,
-            report=report,
-            manual=manual,
-        )
-
-    def _prepare_call(self) -> None:
-        gen, cfg = self._gen, self.config
-        start = gen.prune_start
-        if gen.stopped:
-            gen.plan = _Plan()
-            gen.report.steps.append(StepRecord(call=gen.call, pruned=False, scored=False))
-            return
-        if start is None:
-            gen.plan = _Plan()
-        elif gen.call < start:
-            gen.plan = _Plan(score=True)
-        elif gen.call == start:  # the warm-up is over: decide once for the rest of the generation
-            rep = gen.report
-            rep.scores = normalise_scores(rep.mass, rep.roles)  # (B, L)
-            value = {"threshold": cfg.threshold, "keep_ratio": cfg.keep_ratio, "top_k": cfg.top_k}[cfg.rule]
-            rep.keep = select_tokens(rep.scores, rep.roles, rule=cfg.rule, value=value, min_tokens=cfg.min_tokens, padding=cfg.padding)
-            # a row of identical tokens (SDXL's all-zero negative prompt) gives the same output from any
-            # subset of them: keeping only its special tokens is exact
-            rep.keep[gen.uniform_rows] = rep.roles[gen.uniform_rows] == SPECIAL
-            if bool(rep.keep.all()):
-                gen.plan = _Plan()
-            else:
-                index, valid = kept_index(rep.keep)
-                gen.plan = _Plan(index=index, valid=valid)
-        gate = gen.gate_start
-        plan = gen.plan
-        if gate is not None and (gen.call == gate - 1 or gen.call >= gate):
-            plan = _Plan(plan.score, plan.index, plan.valid, fill=gen.call == gate - 1, gated=gen.call >= gate)
-        gen.plan = plan
-        counts = None if plan.index is None or plan.gated else gen.report.keep.sum(1).tolist()
-        gen.report.steps.append(
-            StepRecord(call=gen.call, pruned=counts is not None, scored=plan.score, gated=plan.gated, kept_counts=counts)
-        )
-
-    def _accumulate(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scale: float | None = None) -> None:
-        rep, gen = self._gen.report, self._gen
-        hw = _map_shape(query.shape[2], gen.latent_hw) if self.config.record_maps else None
-        mass, per_pos = attention_mass(query, key, mask, self.config.score_chunk, with_positions=hw is not None, scale=scale)
-        rep.mass += mass
-        rep.scored_layers += 1
-        if per_pos is not None:
-            m = per_pos.view(per_pos.shape[0], hw[0], hw[1], -1).permute(0, 3, 1, 2)  # (B, L, h, w)
-            rep.maps[hw] = rep.maps[hw] + m if hw in rep.maps else m.clone()
-            rep.map_counts[hw] = rep.map_counts.get(hw, 0) + query.shape[1]
-
-    def _count(
-        self, attn: Attention, batch: int, queries: int, full_len: int, kept_len: int,
-        *, scored: bool = False, kv_reused: bool = False, computed: bool = True,
-    ) -> None:
-        """Add this layer's cross-attention FLOPs (with every token, and as computed) to the call's record."""
-        query_dim = getattr(attn.to_q, "in_features", attn.inner_dim)
-        dims = dict(query_dim=query_dim, cross_dim=attn.cross_attention_dim, inner=attn.inner_dim, out_dim=attn.out_dim)
-        full = cross_attention_flops(batch, queries, full_len, **dims)
-        done = cross_attention_flops(batch, queries, kept_len, **dims)
-        step = self._gen.report.steps[-1]
-        step.flops_full += sum(full.values())
-        if computed:
-            reused = done["kv_proj"] if kv_reused else 0.0
-            step.flops_done += sum(done.values()) - reused + (full["scores"] if scored else 0.0)
-        step.layers += 1
+    # ------------------------------------------------------------------ accounting
+    def _count(self, attn, batch, queries, full_len, kept_len, *, scored=False, kv_reused=False, gated=False) -> None:
+        dims = dict(query_dim=getattr(attn.to_q, "in_features", attn.inner_dim), cross_dim=attn.cross_attention_dim,
+                    inner=attn.inner_dim, out_dim=attn.out_dim)
+        self._gen.layers.setdefault(id(attn), (dims, queries, full_len))
+        add_cross_attention_flops(self._gen.report.steps[-1], dims, self._gen.batch, batch, queries, full_len, kept_len,
+                                  scored=scored, kv_reused=kv_reused, gated=gated)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, UserWarning, stacklevel=4)
-
-
-def _signature(t: torch.Tensor) -> tuple:
-    """Identity of a prompt tensor's contents: storage, shape and in-place version counter (inference
-    tensors keep no counter: a checksum of their values instead)."""
-    changes = float(t.float().sum()) if t.is_inference() else t._version
-    return (t.data_ptr(), tuple(t.shape), changes)
-
-
-def _map_shape(n: int, latent_hw: tuple[int, int] | None) -> tuple[int, int] | None:
-    """(h, w) of a layer with n image positions: a downsampling of the latent, or a square."""
-    if latent_hw is not None:
-        h, w = latent_hw
-        for _ in range(8):
-            if h * w == n:
-                return (h, w)
-            h, w = math.ceil(h / 2), math.ceil(w / 2)
-    side = math.isqrt(n)
-    return (side, side) if side * side == n else None
-
-
-def _scoring_inputs(attn, hidden_states, text, attention_mask, temb):
-    """Queries, keys and mask as the stock skeleton computes them (for scoring around a custom processor)."""
-    if attn.spatial_norm is not None:
-        hidden_states = attn.spatial_norm(hidden_states, temb)
-    if hidden_states.ndim == 4:
-        b, c, h, w = hidden_states.shape
-        hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)  # (B, N, C)
-    B, L = text.shape[:2]
-    if attention_mask is not None:
-        attention_mask = attn.prepare_attention_mask(attention_mask, L, B)
-        attention_mask = additive_mask(attention_mask.view(B, attn.heads, -1, attention_mask.shape[-1]), hidden_states.dtype)
-    if attn.group_norm is not None:
-        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-    if attn.norm_cross:
-        text = attn.norm_encoder_hidden_states(text)
-    query, key = attn.to_q(hidden_states), attn.to_k(text)  # (B, N, C), (B, L, C)
-    d = key.shape[-1] // attn.heads
-    query = query.view(B, -1, attn.heads, d).transpose(1, 2)  # (B, H, N, d)
-    key = key.view(B, -1, attn.heads, d).transpose(1, 2)  # (B, H, L, d)
-    if attn.norm_q is not None:
-        query = attn.norm_q(query)
-    if attn.norm_k is not None:
-        key = attn.norm_k(key)
-    return query, key, attention_mask

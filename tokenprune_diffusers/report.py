@@ -1,4 +1,4 @@
-"""What a generation did: per UNet call, which tokens were kept, and what it cost."""
+"""What a generation did: per denoiser call, which tokens were kept, and what it cost against stock."""
 
 from __future__ import annotations
 
@@ -7,9 +7,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .schedule import Schedule
 from .scoring import PADDING, SPECIAL
 
-__all__ = ["StepRecord", "PruneReport", "cross_attention_flops"]
+__all__ = ["StepRecord", "PruneReport", "SAVINGS", "cross_attention_flops", "add_cross_attention_flops"]
+
+_LABELS = {"pruning": "pruning", "kv_reuse": "K/V reuse", "gating": "gating", "collapse": "guidance collapse",
+           "deep_cache": "DeepCache", "scoring": "scoring"}
 
 
 def cross_attention_flops(batch: int, queries: int, tokens: int, query_dim: int, cross_dim: int, inner: int, out_dim: int) -> dict[str, float]:
@@ -23,30 +27,72 @@ def cross_attention_flops(batch: int, queries: int, tokens: int, query_dim: int,
     }
 
 
+SAVINGS = ("pruning", "kv_reuse", "gating", "collapse", "deep_cache")  # causes of FLOPs removed, in this order
+
+
 @dataclass
 class StepRecord:
-    """One UNet call of a generation."""
+    """One denoiser call of a generation.
 
-    call: int  # index of the UNet call in the generation
+    FLOPs are those of the cross-attention layers, measured against stock: ``flops_stock`` is what
+    the stock processors compute on this call (every layer, every row of the generation's batch,
+    every token); ``saved[cause]`` what each mechanism removed from it, attributed in the order of
+    :data:`SAVINGS` (on a gated call everything goes to gating, none to pruning); ``flops_scoring``
+    what the warm-up's scoring added. ``flops_done = flops_stock - sum(saved) + flops_scoring``.
+    """
+
+    call: int  # index of the call in the generation
     pruned: bool  # were tokens removed on this call
     scored: bool  # were attention probabilities computed on this call
     gated: bool = False  # was cross-attention skipped (outputs of an earlier call reused)
+    collapsed: bool = False  # did the call run the positive rows only (guidance collapse)
     kept_counts: list[int] | None = None  # kept tokens per batch row (None: all kept)
-    flops_full: float = 0.0  # cross-attention FLOPs with every token, no scoring
-    flops_done: float = 0.0  # cross-attention FLOPs actually computed (scoring included)
-    layers: int = 0  # cross-attention layers seen
+    flops_stock: float = 0.0
+    flops_done: float = 0.0
+    flops_scoring: float = 0.0
+    saved: dict[str, float] = field(default_factory=lambda: dict.fromkeys(SAVINGS, 0.0))
+    layers: int = 0  # cross-attention layers run
+
+
+def add_cross_attention_flops(
+    step: StepRecord, dims: dict, stock_batch: int, batch: int, queries: int, full_len: int, kept_len: int,
+    *, scored: bool = False, kv_reused: bool = False, gated: bool = False, skipped: bool = False,
+) -> None:
+    """Add one layer's cross-attention FLOPs on one call to ``step``, against stock, by cause.
+
+    Stock computes ``stock_batch`` rows and ``full_len`` tokens; this call ran ``batch`` rows (fewer
+    after guidance collapse) and ``kept_len`` tokens (after pruning, padded to the longest row). A
+    ``gated`` layer reused its kept output; a ``skipped`` one did not run at all (DeepCache).
+    """
+    stock = sum(cross_attention_flops(stock_batch, queries, full_len, **dims).values())  # every row, every token
+    rows = cross_attention_flops(batch, queries, full_len, **dims)  # the rows this call runs
+    kept = cross_attention_flops(batch, queries, kept_len, **dims)
+    saved = dict.fromkeys(SAVINGS, 0.0)
+    saved["collapse"] = stock - sum(rows.values())
+    if skipped or gated:
+        saved["deep_cache" if skipped else "gating"] = sum(rows.values())
+    else:
+        saved["pruning"] = sum(rows.values()) - sum(kept.values())
+        saved["kv_reuse"] = kept["kv_proj"] if kv_reused else 0.0
+    scoring = rows["scores"] if scored else 0.0
+    step.flops_stock += stock
+    step.flops_scoring += scoring
+    step.flops_done += stock - sum(saved.values()) + scoring
+    for cause, flops in saved.items():
+        step.saved[cause] += flops
+    step.layers += 0 if skipped else 1
 
 
 @dataclass
 class PruneReport:
     """The record of one generation, filled by the processor as the generation runs.
 
-    Rows are UNet batch rows: under classifier-free guidance the negative prompts come first.
+    Rows are denoiser batch rows: under classifier-free guidance the negative prompts come first.
     """
 
-    num_calls: int | None  # UNet calls of the generation (None when unknown)
-    prune_start: int | None  # first pruned call (None: nothing pruned)
-    prompts: list[str] | None = None  # text of each row, when known
+    num_calls: int | None  # denoiser calls of the generation (None when unknown)
+    schedule: Schedule | None = None  # the plan the generation followed (None when the calls are unknown)
+    prompts: list[str] | None = None  # text of each row, when known (as the tokenizer reads it)
     token_ids: torch.Tensor | None = None  # (B, L) ids, when known
     tokens: list[list[str]] | None = None  # (B, L) token strings, when a tokenizer is known
     roles: torch.Tensor | None = None  # (B, L) roles (scoring.SPECIAL / WORD / PADDING)
@@ -58,13 +104,25 @@ class PruneReport:
     maps: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # (h, w) -> (B, L, h, w) sums
     map_counts: dict[tuple[int, int], int] = field(default_factory=dict)
 
+    @property
+    def prune_start(self) -> int | None:
+        """First pruned call (None: nothing pruned)."""
+        return self.schedule.prune_start if self.schedule is not None else None
+
     # ----- what people ask -----
     @property
     def flops_saved(self) -> float:
-        """Share of cross-attention FLOPs saved over the whole generation (scoring overhead counted)."""
-        full = sum(s.flops_full for s in self.steps)
-        done = sum(s.flops_done for s in self.steps)
-        return 0.0 if full == 0 else 1.0 - done / full
+        """Share of stock cross-attention FLOPs saved over the generation, all causes, scoring counted."""
+        stock = sum(s.flops_stock for s in self.steps)
+        return 0.0 if stock == 0 else 1.0 - sum(s.flops_done for s in self.steps) / stock
+
+    def savings(self) -> dict[str, float]:
+        """Share of stock cross-attention FLOPs removed by each cause (:data:`SAVINGS`), and
+        ``"scoring"``: the share added by scoring, negative. They sum to :attr:`flops_saved`."""
+        stock = sum(s.flops_stock for s in self.steps)
+        out = {cause: sum(s.saved[cause] for s in self.steps) / stock if stock else 0.0 for cause in SAVINGS}
+        out["scoring"] = -sum(s.flops_scoring for s in self.steps) / stock if stock else 0.0
+        return out
 
     def kept_positions(self, row: int) -> list[int]:
         """Positions kept after the warm-up for one batch row (all when nothing was pruned)."""
@@ -116,7 +174,9 @@ class PruneReport:
         n = self.num_calls if self.num_calls is not None else "?"
         start = self.prune_start if self.prune_start is not None else "never"
         scored = f"0..{self.prune_start - 1}" if self.prune_start else "none"
-        lines.append(f"UNet calls: {n}; scored calls: {scored}; pruned from call: {start}")
+        gate = self.schedule.gate_start if self.schedule is not None else None
+        gated = f"; gated from call: {gate}" if gate is not None else ""
+        lines.append(f"denoiser calls: {n}; scored calls: {scored}; pruned from call: {start}{gated}")
         if self.keep is not None and self.scores is not None:
             rows = self.keep.shape[0]
             for r in range(min(rows, max_rows)):
@@ -136,12 +196,14 @@ class PruneReport:
                         lines.append(f"    padding: {kept_pad}/{int(pad.sum())} positions kept")
             if rows > max_rows:
                 lines.append(f"    ... {rows - max_rows} more rows")
-        lines.append("call  scored  pruned   gated  kept tokens per row")
+        lines.append("call  scored  pruned   gated  collapsed  kept tokens per row")
         for s in self.steps:
             kept = "-" if s.gated else "all" if s.kept_counts is None else ",".join(map(str, s.kept_counts))
             flags = "  ".join(f"{'yes' if f else 'no':>6s}" for f in (s.scored, s.pruned, s.gated))
+            flags += f"  {'yes' if s.collapsed else 'no':>9s}"
             lines.append(f"{s.call:4d}  {flags}  {kept}")
-        lines.append(f"cross-attention FLOPs saved: {100 * self.flops_saved:.1f}% (scoring overhead counted)")
+        parts = ", ".join(f"{_LABELS[k]} {100 * v:+.1f}%" for k, v in self.savings().items() if v or k in ("pruning", "scoring"))
+        lines.append(f"cross-attention FLOPs saved against stock: {100 * self.flops_saved:.1f}% ({parts})")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -149,8 +211,10 @@ class PruneReport:
         return {
             "num_calls": self.num_calls,
             "prune_start": self.prune_start,
+            "schedule": self.schedule.to_dict() if self.schedule is not None else None,
             "prompts": self.prompts,
             "flops_saved": self.flops_saved,
+            "flops_saved_by": self.savings(),
             "rows": [
                 {
                     "kept_positions": self.kept_positions(r),

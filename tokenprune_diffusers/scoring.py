@@ -22,6 +22,8 @@ __all__ = [
     "gather_rows",
     "gather_mask",
     "additive_mask",
+    "token_roles",
+    "unknown_roles",
 ]
 
 SPECIAL, WORD, PADDING = 0, 1, 2  # start / end-of-text (always kept), prompt words, positions after end-of-text
@@ -201,3 +203,33 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if mask.dtype != torch.bool:
         return mask
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, -math.inf)
+
+
+def token_roles(token_ids: torch.Tensor, bos_id: int | None, eos_id: int | None) -> torch.Tensor:
+    """Role of each position: start / end-of-text are SPECIAL, the words between them WORD, the
+    rest PADDING.
+
+    Args:
+        token_ids: (B, L) ids.
+        bos_id, eos_id: the tokenizer's start and end-of-text ids.
+
+    Returns:
+        (B, L) int8 roles.
+    """
+    B, L = token_ids.shape
+    pos = torch.arange(L, device=token_ids.device).expand(B, L)  # (B, L)
+    is_eos = token_ids == eos_id if eos_id is not None else torch.zeros_like(token_ids, dtype=torch.bool)
+    first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full((B,), L, device=token_ids.device))  # (B,)
+    roles = torch.full((B, L), WORD, dtype=torch.int8, device=token_ids.device)
+    roles[pos > first_eos[:, None]] = PADDING
+    roles[pos == first_eos[:, None]] = SPECIAL
+    if bos_id is not None:
+        roles[(pos == 0) & (token_ids == bos_id)] = SPECIAL
+    return roles
+
+
+def unknown_roles(batch: int, length: int, device: torch.device | None = None) -> torch.Tensor:
+    """Roles when no token ids are known: position 0 (the start token) is kept, the rest are words."""
+    roles = torch.full((batch, length), WORD, dtype=torch.int8, device=device)
+    roles[:, 0] = SPECIAL
+    return roles

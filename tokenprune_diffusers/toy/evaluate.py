@@ -137,7 +137,7 @@ def evaluate(pipe, config: EvalConfig, settings=DEFAULT_SETTINGS, progress: bool
         label = setting.label
         samples = evaluation_samples(config.n, k, config.seed)
         captions = [s.caption for s in samples]
-        stats = dict(flops=[], ap=0, at=0, op=0, ot=0)
+        stats = dict(flops=[], pruning=[], kv_reuse=[], positions=[], ap=0, at=0, op=0, ot=0)
         remove_deep_cache(pipe)
         remove_token_pruning(pipe)
         proc = None
@@ -150,7 +150,11 @@ def evaluate(pipe, config: EvalConfig, settings=DEFAULT_SETTINGS, progress: bool
         def on_batch(chunk, proc=proc, stats=stats):
             if proc is None or proc.report is None:
                 return
-            stats["flops"].append(proc.report.flops_saved)
+            rep = proc.report
+            stats["flops"].append(rep.flops_saved)
+            stats["pruning"].append(rep.savings()["pruning"])
+            stats["kv_reuse"].append(rep.savings()["kv_reuse"])
+            stats["positions"].append(0.0 if rep.keep is None else 1.0 - float(rep.keep.float().mean()))
             ap, at, op, ot = _pruned_shares(proc.report, len(chunk))
             stats["ap"] += ap
             stats["at"] += at
@@ -169,6 +173,9 @@ def evaluate(pipe, config: EvalConfig, settings=DEFAULT_SETTINGS, progress: bool
                 objects=k,
                 **scores,
                 flops_saved=float(np.mean(stats["flops"])) if stats["flops"] else 0.0,
+                flops_saved_pruning=float(np.mean(stats["pruning"])) if stats["pruning"] else 0.0,
+                flops_saved_kv_reuse=float(np.mean(stats["kv_reuse"])) if stats["kv_reuse"] else 0.0,
+                positions_pruned=float(np.mean(stats["positions"])) if stats["positions"] else 0.0,
                 attribute_pruned=stats["ap"] / stats["at"] if stats["at"] else 0.0,
                 other_pruned=stats["op"] / stats["ot"] if stats["ot"] else 0.0,
                 seconds=seconds,
@@ -180,13 +187,14 @@ def evaluate(pipe, config: EvalConfig, settings=DEFAULT_SETTINGS, progress: bool
 def markdown_table(rows: list[dict]) -> str:
     """The evaluation rows as a GitHub markdown table (percentages)."""
     head = ["setting", "objects", "n", "all correct", *ATTRIBUTES, "count", "attribute words pruned",
-            "other words pruned", "x-attn FLOPs saved"]
+            "other words pruned", "text positions pruned", "x-attn FLOPs: by pruning", "by K/V reuse", "in all"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["setting"], str(r["objects"]), str(r["n"]), f"**{100 * r['all']:.1f}**"]
         cells += [f"{100 * r[a]:.1f}" for a in ATTRIBUTES]
         cells += [f"{100 * r['count']:.1f}", f"{100 * r['attribute_pruned']:.1f}", f"{100 * r['other_pruned']:.1f}",
-                  f"{100 * r['flops_saved']:.1f}"]
+                  f"{100 * r['positions_pruned']:.1f}", f"{100 * r['flops_saved_pruning']:.1f}",
+                  f"{100 * r['flops_saved_kv_reuse']:.1f}", f"{100 * r['flops_saved']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

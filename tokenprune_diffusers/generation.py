@@ -1,0 +1,119 @@
+"""What the token-pruning processor keeps for one generation: token roles, accumulated scores, the
+kept tokens once decided, and the per-layer caches. Tensors and bookkeeping; no diffusers."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .clock import CallInfo
+from .config import TokenPruneConfig
+from .report import PruneReport
+from .schedule import CallPlan, Schedule
+from .scoring import (
+    SPECIAL,
+    attention_mass,
+    kept_index,
+    normalise_scores,
+    select_tokens,
+    token_roles,
+    unknown_roles,
+)
+
+__all__ = ["GenerationState", "text_signature"]
+
+
+@dataclass
+class GenerationState:
+    """One generation, as the processor follows it."""
+
+    info: CallInfo  # the running call
+    schedule: Schedule | None  # None when the number of calls is unknown: compute as stock
+    report: PruneReport
+    batch: int  # rows of the generation's first call
+    plan: CallPlan  # the running call's plan
+    stopped: bool = False  # the pipeline did something unforeseen: compute as stock from here on
+    index: torch.Tensor | None = None  # (B, K) kept positions after the decision, or None: keep all
+    valid: torch.Tensor | None = None  # (B, K) False on padded slots, or None
+    uniform_rows: torch.Tensor | None = None  # (B,) rows whose tokens are all identical (SDXL's zero negative prompt)
+    text_sig: tuple | None = None  # identity of the running call's prompt tensor (for K/V reuse)
+    kv: dict = field(default_factory=dict)  # layer id -> (text, signature, index, key, value)
+    out: dict = field(default_factory=dict)  # layer id -> cross-attention output kept for the gated calls
+    layers: dict = field(default_factory=dict)  # layer id -> (dims, queries, tokens): the layers seen
+    ran: set = field(default_factory=set)  # layers run on the running call
+
+    @property
+    def last_call(self) -> bool:
+        return self.info.num_calls is not None and self.info.call >= self.info.num_calls - 1
+
+    def bind_text(self, text: torch.Tensor, tokenizer: Any) -> bool:
+        """First cross-attention layer of the generation: token roles and the rows' identities.
+        Returns False when the token ids are unknown (only position 0 is then protected)."""
+        rep, ids = self.report, self.info.token_ids
+        B, L = text.shape[:2]
+        known = ids is not None and tuple(ids.shape) == (B, L)
+        if known:
+            rep.token_ids, rep.prompts = ids, self.info.prompts
+            bos, eos = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)
+            rep.roles = token_roles(ids.to(text.device), bos, eos)
+            rep.tokens = [tokenizer.convert_ids_to_tokens(row) for row in ids.tolist()] if tokenizer is not None else None
+        else:
+            rep.roles = unknown_roles(B, L, text.device)
+        rep.mass = torch.zeros(B, L, dtype=torch.float32, device=text.device)
+        self.uniform_rows = (text == text[:, :1]).flatten(1).all(dim=1)  # (B,)
+        return known
+
+    def decide(self, config: TokenPruneConfig) -> None:
+        """The warm-up is over: choose the kept tokens once for the rest of the generation."""
+        rep, cfg = self.report, config
+        rep.scores = normalise_scores(rep.mass, rep.roles)  # (B, L)
+        rep.keep = select_tokens(rep.scores, rep.roles, rule=cfg.rule, value=cfg.rule_value, min_tokens=cfg.min_tokens, padding=cfg.padding)
+        # a row of identical tokens (SDXL's all-zero negative prompt) gives the same output from any
+        # subset of them: keeping only its special tokens is exact
+        rep.keep[self.uniform_rows] = rep.roles[self.uniform_rows] == SPECIAL
+        if not bool(rep.keep.all()):
+            self.index, self.valid = kept_index(rep.keep)
+
+    def kept(self, batch: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(index, valid) of the running call's ``batch`` rows; (None, None): every token."""
+        if self.index is None or not (self.plan.prune or self.plan.gated):
+            return None, None
+        if self.index.shape[0] == batch:
+            return self.index, self.valid  # the same objects on every call: K/V reuse hits
+        # after guidance collapse only the last (positive) rows remain
+        return self.index[-batch:], None if self.valid is None else self.valid[-batch:]
+
+    def accumulate(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, config: TokenPruneConfig,
+                   scale: float | None = None) -> None:
+        """Add one layer's attention mass (and per-position maps) to the scores."""
+        rep = self.report
+        hw = _map_shape(query.shape[2], self.info.latent_hw) if config.record_maps else None
+        mass, per_pos = attention_mass(query, key, mask, config.score_chunk, with_positions=hw is not None, scale=scale)
+        rep.mass += mass
+        rep.scored_layers += 1
+        if per_pos is not None:
+            m = per_pos.view(per_pos.shape[0], hw[0], hw[1], -1).permute(0, 3, 1, 2)  # (B, L, h, w)
+            rep.maps[hw] = rep.maps[hw] + m if hw in rep.maps else m.clone()
+            rep.map_counts[hw] = rep.map_counts.get(hw, 0) + query.shape[1]
+
+
+def text_signature(t: torch.Tensor) -> tuple:
+    """Identity of a prompt tensor's contents: storage, shape and in-place version counter (inference
+    tensors keep no counter: a checksum of their values instead)."""
+    changes = float(t.float().sum()) if t.is_inference() else t._version
+    return (t.data_ptr(), tuple(t.shape), changes)
+
+
+def _map_shape(n: int, latent_hw: tuple[int, int] | None) -> tuple[int, int] | None:
+    """(h, w) of a layer with n image positions: a downsampling of the latent, or a square."""
+    if latent_hw is not None:
+        h, w = latent_hw
+        for _ in range(8):
+            if h * w == n:
+                return (h, w)
+            h, w = math.ceil(h / 2), math.ceil(w / 2)
+    side = math.isqrt(n)
+    return (side, side) if side * side == n else None
