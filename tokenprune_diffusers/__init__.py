@@ -1,4 +1,5 @@
-"""Prompt-token pruning for diffusers' cross-attention, honestly measured.
+"""Prompt-token pruning for diffusers, honestly measured: UNet cross-attention, and the text stream
+of MM-DiT transformers (SD3).
 
     >>> from tokenprune_diffusers import TokenPruneProcessor
     >>> pipe.unet.set_attn_processor(TokenPruneProcessor(threshold=0.1, warmup=0.2))
@@ -15,6 +16,7 @@ from .clock import CallInfo, GenerationClock, get_clock
 from .config import TokenPruneConfig
 from .deepcache import DeepCache, apply_deep_cache, get_deep_cache, remove_deep_cache
 from .guidance import CollapseGuidance
+from .mmdit import SUPPORTED_MMDIT_PIPELINES, JointTokenPruneProcessor, MMDiTTokenPruning
 from .patch import apply_token_pruning, get_token_pruning, remove_token_pruning
 from .processor import TokenPruneProcessor
 from .report import PruneReport, StepRecord
@@ -25,6 +27,9 @@ __all__ = [
     "TokenPruneProcessor",
     "TokenPruneConfig",
     "CollapseGuidance",
+    "MMDiTTokenPruning",
+    "JointTokenPruneProcessor",
+    "SUPPORTED_MMDIT_PIPELINES",
     "DeepCache",
     "apply_deep_cache",
     "remove_deep_cache",

@@ -11,9 +11,10 @@ import torch
 
 from .clock import CallInfo
 from .config import TokenPruneConfig
-from .report import PruneReport
-from .schedule import CallPlan, Schedule
+from .report import PruneReport, StepRecord
+from .schedule import CallPlan, Schedule, plan_generation
 from .scoring import (
+    PADDING,
     SPECIAL,
     attention_mass,
     kept_index,
@@ -45,21 +46,58 @@ class GenerationState:
     layers: dict = field(default_factory=dict)  # layer id -> (dims, queries, tokens): the layers seen
     ran: set = field(default_factory=set)  # layers run on the running call
 
+    @classmethod
+    def start(cls, info: CallInfo, config: TokenPruneConfig) -> GenerationState:
+        """A new generation: its schedule (None when the number of calls is unknown) and an empty report."""
+        schedule = None
+        if info.num_calls is not None:
+            schedule = plan_generation(info.num_calls, warmup=config.warmup, gate=config.gate, calls_per_step=info.calls_per_step)
+        report = PruneReport(num_calls=info.num_calls, schedule=schedule)
+        return cls(info=info, schedule=schedule, report=report, batch=info.batch, plan=CallPlan(0, 0))
+
+    def begin_call(self, info: CallInfo, config: TokenPruneConfig) -> str | None:
+        """A denoiser call of this generation starts: take its plan, decide at the end of the warm-up,
+        open its record. Returns why the generation stops here (computed as stock from now on), or None."""
+        why = None
+        if not self.stopped and info.call > 0:
+            collapsed = self.schedule is not None and self.schedule[info.call].gated and 2 * info.batch == self.batch
+            if info.num_calls is not None and info.call >= info.num_calls:
+                why = f"the denoiser was called more than the {info.num_calls} times the pipeline announced"
+            elif info.batch != self.batch and not collapsed:
+                why = f"the batch changed from {self.batch} to {info.batch} rows in the middle of a generation"
+            self.stopped = why is not None
+        self.info, self.text_sig, self.ran = info, None, set()
+        self.plan = CallPlan(info.call, info.call) if self.stopped or self.schedule is None else self.schedule[info.call]
+        if self.plan.decide and self.report.roles is not None:
+            self.decide(config)
+        counts = self.report.keep.sum(1).tolist() if self.plan.prune and self.index is not None else None
+        self.report.steps.append(
+            StepRecord(call=info.call, pruned=counts is not None, scored=self.plan.score, gated=self.plan.gated,
+                       collapsed=info.batch < self.batch, kept_counts=counts)
+        )
+        return why
+
     @property
     def last_call(self) -> bool:
         return self.info.num_calls is not None and self.info.call >= self.info.num_calls - 1
 
-    def bind_text(self, text: torch.Tensor, tokenizer: Any) -> bool:
-        """First cross-attention layer of the generation: token roles and the rows' identities.
-        Returns False when the token ids are unknown (only position 0 is then protected)."""
+    def bind_text(self, text: torch.Tensor, tokenizer: Any, zero_tail: bool = False) -> bool:
+        """First layer of the generation that sees the text: token roles and the rows' identities.
+
+        ``zero_tail``: the positions after the known ids are padding the pipeline added as zeros
+        (SD3's T5 slot without T5). Returns False when the token ids are unknown (only position 0
+        is then protected)."""
         rep, ids = self.report, self.info.token_ids
         B, L = text.shape[:2]
-        known = ids is not None and tuple(ids.shape) == (B, L)
+        known = ids is not None and ids.shape[0] == B and (ids.shape[1] == L or (zero_tail and ids.shape[1] < L))
         if known:
-            rep.token_ids, rep.prompts = ids, self.info.prompts
             bos, eos = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)
-            rep.roles = token_roles(ids.to(text.device), bos, eos)
-            rep.tokens = [tokenizer.convert_ids_to_tokens(row) for row in ids.tolist()] if tokenizer is not None else None
+            roles = token_roles(ids.to(text.device), bos, eos)
+            tail = L - ids.shape[1]
+            rep.roles = torch.cat([roles, torch.full((B, tail), PADDING, dtype=roles.dtype, device=roles.device)], dim=1)
+            rep.token_ids, rep.prompts = ids, self.info.prompts
+            if tokenizer is not None:
+                rep.tokens = [tokenizer.convert_ids_to_tokens(row) + ["<zero>"] * tail for row in ids.tolist()]
         else:
             rep.roles = unknown_roles(B, L, text.device)
         rep.mass = torch.zeros(B, L, dtype=torch.float32, device=text.device)
@@ -87,11 +125,13 @@ class GenerationState:
         return self.index[-batch:], None if self.valid is None else self.valid[-batch:]
 
     def accumulate(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, config: TokenPruneConfig,
-                   scale: float | None = None) -> None:
-        """Add one layer's attention mass (and per-position maps) to the scores."""
+                   scale: float | None = None, text_from: int = 0) -> None:
+        """Add one layer's attention mass (and per-position maps) to the scores; the keys before
+        ``text_from`` are not text (the image keys of joint attention)."""
         rep = self.report
         hw = _map_shape(query.shape[2], self.info.latent_hw) if config.record_maps else None
-        mass, per_pos = attention_mass(query, key, mask, config.score_chunk, with_positions=hw is not None, scale=scale)
+        mass, per_pos = attention_mass(query, key, mask, config.score_chunk, with_positions=hw is not None, scale=scale,
+                                       keys_from=text_from)
         rep.mass += mass
         rep.scored_layers += 1
         if per_pos is not None:

@@ -255,3 +255,52 @@ def tiny_sdxl_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+TINY_SD3_TRANSFORMER_CONFIG = dict(
+    sample_size=16,
+    patch_size=2,
+    in_channels=4,
+    num_layers=2,
+    attention_head_dim=8,
+    num_attention_heads=4,
+    caption_projection_dim=32,
+    joint_attention_dim=32,
+    pooled_projection_dim=64,  # 32 + 32 pooled from the two CLIP encoders
+    out_channels=4,
+    pos_embed_max_size=32,
+)
+
+
+def tiny_sd3_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A tiny SD3-shaped ``StableDiffusion3Pipeline`` with the T5 slot empty (for tests): the text
+    sequence is 77 CLIP positions plus the 256 zero positions the pipeline adds for T5."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from .tokenizer import load_clip_tokenizer
+
+    text_cfg = CLIPTextConfig(**{**TINY_TEXT_CONFIG, "projection_dim": 32, "hidden_act": "gelu"})
+    with _seeded(seed):
+        transformer = SD3Transformer2DModel(**TINY_SD3_TRANSFORMER_CONFIG)
+        vae = AutoencoderKL(**{**TINY_VAE_CONFIG, "shift_factor": 0.0609, "use_quant_conv": False, "use_post_quant_conv": False})
+        text_encoder = CLIPTextModelWithProjection(text_cfg)
+        text_encoder_2 = CLIPTextModelWithProjection(text_cfg)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer.eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=load_clip_tokenizer(),
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer_2=load_clip_tokenizer(pad_token="!"),
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)

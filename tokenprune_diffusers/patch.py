@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from .clock import attach_clock, detach_clock, get_clock
+from .config import TokenPruneConfig
+from .mmdit import MMDiTTokenPruning, apply_mmdit, get_mmdit, remove_mmdit
 from .processor import TokenPruneProcessor
 
 __all__ = ["apply_token_pruning", "remove_token_pruning", "get_token_pruning"]
@@ -22,16 +24,26 @@ def _attention_modules(unet) -> dict[str, Any]:
     return {f"{name}.processor": m for name, m in unet.named_modules() if hasattr(m, "set_processor")}
 
 
-def get_token_pruning(model: Any) -> TokenPruneProcessor | None:
-    """The ``TokenPruneProcessor`` installed on a pipeline / UNet, or None."""
+def _mmdit(model: Any) -> bool:
+    """A pipeline whose denoiser is a transformer (SD3, Flux, ...) rather than a UNet."""
+    return getattr(model, "unet", None) is None and getattr(model, "transformer", None) is not None
+
+
+def get_token_pruning(model: Any) -> TokenPruneProcessor | MMDiTTokenPruning | None:
+    """The token pruning installed on a pipeline / UNet, or None."""
+    if _mmdit(model):
+        return get_mmdit(model.transformer)
     for proc in _unet(model).attn_processors.values():
         if isinstance(proc, TokenPruneProcessor):
             return proc
     return None
 
 
-def apply_token_pruning(model: Any, processor: TokenPruneProcessor | None = None, **options: Any) -> TokenPruneProcessor:
-    """Install token pruning on every attention layer of a pipeline's UNet (or of a UNet).
+def apply_token_pruning(model: Any, processor: TokenPruneProcessor | None = None, **options: Any) -> TokenPruneProcessor | MMDiTTokenPruning:
+    """Install token pruning on every attention layer of a pipeline's UNet (or of a UNet), or on
+    the joint attention and text stream of an MM-DiT pipeline's transformer
+    (:data:`~tokenprune_diffusers.mmdit.SUPPORTED_MMDIT_PIPELINES`: ``StableDiffusion3Pipeline``,
+    built with ``text_encoder_3=None``; other transformer pipelines are refused with the reason).
 
     The processor follows the UNet's clock (one diffusers hook on the UNet, one on the pipeline's
     text encoder, see :mod:`tokenprune_diffusers.clock`). The processors already installed are kept and wrapped: stock ones are reproduced exactly,
@@ -45,10 +57,14 @@ def apply_token_pruning(model: Any, processor: TokenPruneProcessor | None = None
             (those of :class:`~tokenprune_diffusers.TokenPruneConfig`: ``threshold``, ``warmup``, ...).
 
     Returns:
-        The installed processor; after a call, ``processor.report`` tells what was pruned.
+        The installed processor (:class:`~tokenprune_diffusers.mmdit.MMDiTTokenPruning` on an MM-DiT);
+        after a call, ``.report`` tells what was pruned.
     """
     if processor is not None and options:
         raise TypeError(f"give a processor or its options, not both (got options {sorted(options)})")
+    if _mmdit(model):
+        config = processor.config if processor is not None else TokenPruneConfig.from_options(**options)
+        return apply_mmdit(model, config)
     proc = processor if processor is not None else TokenPruneProcessor(**options)
     unet = _unet(model)
     if proc.clock.hooked and proc.clock is not get_clock(unet):
@@ -92,6 +108,9 @@ def remove_token_pruning(model: Any) -> None:
     ``unet.set_attn_processor(TokenPruneProcessor(...))`` remembers nothing, so what diffusers
     installs by default (``AttnProcessor2_0``) is put in its place.
     """
+    if _mmdit(model):
+        remove_mmdit(model.transformer)
+        return
     unet = _unet(model)
     installed = get_token_pruning(unet)
     _release(unet)

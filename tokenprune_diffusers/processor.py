@@ -19,8 +19,8 @@ from diffusers.models.attention_processor import Attention, AttnProcessor, AttnP
 from .clock import CallInfo, GenerationClock
 from .config import TokenPruneConfig
 from .generation import GenerationState, text_signature
-from .report import PruneReport, StepRecord, add_cross_attention_flops
-from .schedule import CallPlan, Schedule, plan_generation
+from .report import PruneReport, add_cross_attention_flops
+from .schedule import CallPlan, Schedule
 from .scoring import additive_mask, gather_mask, gather_rows
 
 __all__ = ["TokenPruneProcessor"]
@@ -131,6 +131,11 @@ class TokenPruneProcessor:
         ip_adapter_masks: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
+        if getattr(attn, "add_q_proj", None) is not None:
+            raise TypeError(
+                "TokenPruneProcessor prunes UNet cross-attention; this is an MM-DiT joint attention layer (SD3, Flux): "
+                "use apply_token_pruning(pipe, ...), which shortens the transformer's text stream"
+            )
         inner = self._inner.get(attn)
         if inner is None:  # what diffusers itself installs on such a layer
             inner = self._stock if attn.scale_qk else self._classic
@@ -313,24 +318,14 @@ class TokenPruneProcessor:
         probe = self._probe() if self._probe is not None else None
         if self._probe is not None and (probe is None or probe.processor is not self):
             return  # replaced by set_attn_processor(): idle
-        gen = self._gen
-        if gen is None or info.generation != gen.info.generation:
-            gen = self._gen = self._start(info)
-        elif not gen.stopped:
-            collapsed = gen.schedule is not None and gen.schedule[info.call].gated and 2 * info.batch == gen.batch
-            if info.num_calls is not None and info.call >= info.num_calls:
-                self._stop(f"the denoiser was called more than the {info.num_calls} times the pipeline announced")
-            elif info.batch != gen.batch and not collapsed:
-                self._stop(f"the batch changed from {gen.batch} to {info.batch} rows in the middle of a generation")
-        gen.info, gen.text_sig, gen.ran = info, None, set()
-        gen.plan = CallPlan(info.call, info.call) if gen.stopped or gen.schedule is None else gen.schedule[info.call]
-        if gen.plan.decide and gen.report.roles is not None:
-            gen.decide(self.config)
-        counts = gen.report.keep.sum(1).tolist() if gen.plan.prune and gen.index is not None else None
-        gen.report.steps.append(
-            StepRecord(call=info.call, pruned=counts is not None, scored=gen.plan.score, gated=gen.plan.gated,
-                       collapsed=info.batch < gen.batch, kept_counts=counts)
-        )
+        if self._gen is None or info.generation != self._gen.info.generation:
+            if info.tokenizer is not None:
+                self.tokenizer = info.tokenizer
+            self._gen = GenerationState.start(info, self.config)
+            self.report = self._gen.report
+        stop = self._gen.begin_call(info, self.config)
+        if stop is not None:
+            self._warn_once("stopped", f"TokenPruneProcessor stops pruning and gating for this generation: {stop}.")
 
     def on_call_end(self, info: CallInfo) -> None:
         """A denoiser call ended: the layers that did not run (skipped by DeepCache) are credited to it."""
@@ -340,15 +335,6 @@ class TokenPruneProcessor:
         for layer, (dims, queries, tokens) in gen.layers.items():
             if layer not in gen.ran:
                 add_cross_attention_flops(gen.report.steps[-1], dims, gen.batch, info.batch, queries, tokens, tokens, skipped=True)
-
-    def _start(self, info: CallInfo) -> GenerationState:
-        if info.tokenizer is not None:
-            self.tokenizer = info.tokenizer
-        schedule = None
-        if info.num_calls is not None:
-            schedule = plan_generation(info.num_calls, warmup=self.config.warmup, gate=self.config.gate, calls_per_step=info.calls_per_step)
-        self.report = PruneReport(num_calls=info.num_calls, schedule=schedule)
-        return GenerationState(info=info, schedule=schedule, report=self.report, batch=info.batch, plan=CallPlan(0, 0))
 
     def _layer_plan(self, attn: Attention, text: torch.Tensor) -> tuple[CallPlan, torch.Tensor | None, torch.Tensor | None]:
         """Called by every cross-attention layer: the call's plan and kept indices for these rows."""
@@ -368,11 +354,6 @@ class TokenPruneProcessor:
             gen.text_sig = text_signature(text)
         gen.ran.add(id(attn))
         return (gen.plan, *gen.kept(text.shape[0]))
-
-    def _stop(self, why: str) -> None:
-        """Compute the rest of this generation as stock (no scoring, pruning or gating), and say why once."""
-        self._gen.stopped = True
-        self._warn_once("stopped", f"TokenPruneProcessor stops pruning and gating for this generation: {why}.")
 
     # ------------------------------------------------------------------ accounting
     def _count(self, attn, batch, queries, full_len, kept_len, *, scored=False, kv_reused=False, gated=False) -> None:

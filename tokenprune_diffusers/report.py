@@ -202,8 +202,11 @@ class PruneReport:
             flags = "  ".join(f"{'yes' if f else 'no':>6s}" for f in (s.scored, s.pruned, s.gated))
             flags += f"  {'yes' if s.collapsed else 'no':>9s}"
             lines.append(f"{s.call:4d}  {flags}  {kept}")
-        parts = ", ".join(f"{_LABELS[k]} {100 * v:+.1f}%" for k, v in self.savings().items() if v or k in ("pruning", "scoring"))
-        lines.append(f"cross-attention FLOPs saved against stock: {100 * self.flops_saved:.1f}% ({parts})")
+        if any(s.flops_stock for s in self.steps):
+            parts = ", ".join(f"{_LABELS[k]} {100 * v:+.1f}%" for k, v in self.savings().items() if v or k in ("pruning", "scoring"))
+            lines.append(f"cross-attention FLOPs saved against stock: {100 * self.flops_saved:.1f}% ({parts})")
+        else:
+            lines.append("FLOPs: not counted for this denoiser (MM-DiT: the text stream is shortened; see the benchmark)")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:

@@ -1,0 +1,149 @@
+"""Token pruning on an MM-DiT (a tiny SD3-shaped pipeline, T5 slot empty): the text stream gets shorter."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from diffusers.models.attention_processor import JointAttnProcessor2_0  # noqa: E402
+
+from tokenprune_diffusers import (  # noqa: E402
+    TokenPruneProcessor,
+    apply_token_pruning,
+    get_token_pruning,
+    remove_token_pruning,
+)
+from tokenprune_diffusers.scoring import PADDING  # noqa: E402
+
+PROMPT = "a cat wearing a red hat"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from tokenprune_diffusers.models import tiny_sd3_pipeline
+
+    return tiny_sd3_pipeline(seed=0)
+
+
+@pytest.fixture(autouse=True)
+def clean(pipe):
+    yield
+    remove_token_pruning(pipe)
+
+
+def generate(pipe, prompt=PROMPT, steps=5, **kw):
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        return pipe(prompt, num_inference_steps=steps, generator=g, height=32, width=32, output_type="np", **kw).images
+
+
+def text_lengths(pipe):
+    lengths = []
+    return lengths, pipe.transformer.context_embedder.register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
+
+
+@pytest.mark.parametrize("options", [dict(threshold=0.0), dict(threshold=0.9, warmup=1.0)], ids=["threshold0", "warmup1"])
+def test_no_pruning_settings_give_exactly_the_stock_output(pipe, options):
+    stock = generate(pipe)
+    proc = apply_token_pruning(pipe, **options)
+    np.testing.assert_array_equal(generate(pipe), stock)
+    assert options.get("warmup") != 1.0 or not any(s.scored for s in proc.report.steps)
+
+
+def test_the_text_stream_is_shortened_from_the_first_pruned_call(pipe):
+    proc = apply_token_pruning(pipe, top_k=2, padding="drop", warmup=0.2)
+    lengths, h = text_lengths(pipe)
+    generate(pipe)
+    h.remove()
+    rep = proc.report
+    assert rep.prune_start == 1 and lengths == [333] + [4] * 4  # 77 CLIP + 256 zero T5 positions, then 4
+    assert rep.steps[-1].kept_counts == [2, 4]  # the empty negative prompt: start + end; the prompt: + 2 words
+    assert (rep.roles[:, 77:] == PADDING).all() and rep.tokens[1][77] == "<zero>"
+    assert rep.prompts == ["", PROMPT] and len(rep.kept_words(1)) == 4
+
+
+def test_a_pruned_call_equals_the_stock_transformer_on_each_rows_kept_tokens(pipe):
+    """Rows keep 2 and 4 positions: the short row is padded and its padded slots masked as keys;
+    each row equals the stock transformer run on that row's kept positions alone."""
+    proc = apply_token_pruning(pipe, top_k=2, padding="drop", warmup=0.2)
+    seen = []
+    h = pipe.transformer.register_forward_hook(lambda m, a, k, out: seen.append((k, out[0])), with_kwargs=True)
+    generate(pipe, steps=3)
+    h.remove()
+    keep = proc.report.keep  # (2, 333)
+    remove_token_pruning(pipe)
+    assert isinstance(next(iter(pipe.transformer.attn_processors.values())), JointAttnProcessor2_0)
+    kwargs, pruned = seen[-1]
+    with torch.no_grad():
+        for row in range(2):
+            one = {k: (v[row : row + 1] if isinstance(v, torch.Tensor) and v.ndim > 0 else v) for k, v in kwargs.items()}
+            one["encoder_hidden_states"] = kwargs["encoder_hidden_states"][row : row + 1, keep[row]]
+            reference = pipe.transformer(**{**one, "return_dict": False})[0]
+            torch.testing.assert_close(pruned[row : row + 1], reference, atol=1e-5, rtol=1e-5)
+
+
+def test_several_prompts_images_per_prompt_and_no_guidance(pipe):
+    proc = apply_token_pruning(pipe, top_k=1, padding="drop")
+    generate(pipe, prompt=["a red hat", "a blue car on a wet road"], num_images_per_prompt=2)
+    assert proc.report.steps[-1].kept_counts == [2] * 4 + [3] * 4
+    assert proc.report.prompts[4:] == ["a red hat"] * 2 + ["a blue car on a wet road"] * 2
+    generate(pipe, guidance_scale=1.0)
+    assert proc.report.steps[-1].kept_counts == [3]
+
+
+def test_bf16_runs_and_prunes():
+    from tokenprune_diffusers.models import tiny_sd3_pipeline
+
+    pipe = tiny_sd3_pipeline(seed=0, dtype=torch.bfloat16)
+    proc = apply_token_pruning(pipe, top_k=2)
+    image = generate(pipe)
+    assert np.isfinite(image).all() and proc.report.steps[-1].pruned
+
+
+def test_apply_twice_is_safe_and_remove_restores_the_original_objects(pipe):
+    before = pipe.transformer.attn_processors
+    apply_token_pruning(pipe, top_k=1)
+    second = apply_token_pruning(pipe, threshold=0.3)
+    assert get_token_pruning(pipe) is second and list(pipe.transformer._diffusers_hook.hooks) == ["tokenprune_clock"]
+    generate(pipe, steps=2)
+    remove_token_pruning(pipe)
+    after = pipe.transformer.attn_processors
+    assert all(after[k] is before[k] for k in before) and get_token_pruning(pipe) is None
+    assert not pipe.transformer._diffusers_hook.hooks and not pipe.text_encoder._diffusers_hook.hooks
+
+
+def test_what_is_not_supported_is_refused_with_the_reason(pipe):
+    with pytest.raises(ValueError, match="gate is a UNet cross-attention option"):
+        apply_token_pruning(pipe, gate=0.5)
+    pipe.transformer.set_attn_processor(TokenPruneProcessor())
+    try:
+        with pytest.raises(TypeError, match="use apply_token_pruning"):
+            generate(pipe, steps=1)
+    finally:
+        pipe.transformer.set_attn_processor(JointAttnProcessor2_0())
+
+    class FluxPipeline:  # a transformer pipeline this package does not prune yet
+        unet = None
+        transformer = pipe.transformer
+
+    with pytest.raises(TypeError, match="does not support FluxPipeline yet; it supports UNet pipelines"):
+        apply_token_pruning(FluxPipeline())
+    pipe.text_encoder_3 = torch.nn.Linear(1, 1)
+    try:
+        with pytest.raises(TypeError, match="text_encoder_3=None"):
+            apply_token_pruning(pipe)
+    finally:
+        pipe.text_encoder_3 = None
+
+
+def test_report_and_heat_maps_work(pipe, tmp_path):
+    from tokenprune_diffusers.heatmap import render_heatmaps
+
+    proc = apply_token_pruning(pipe, top_k=2, padding="drop")
+    image = generate(pipe)[0]
+    assert "PRUNED" in proc.report.summary() and "not counted" in proc.report.summary()
+    assert proc.report.token_maps(-1).shape == (333, 8, 8)  # 16 x 16 latents in 2 x 2 patches
+    assert render_heatmaps(proc.report, tmp_path / "maps.png", image=image).is_file()
