@@ -4,6 +4,7 @@ kept tokens once decided, and the per-layer caches. Tensors and bookkeeping; no 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +25,7 @@ from .scoring import (
     unknown_roles,
 )
 
-__all__ = ["GenerationState", "text_signature"]
+__all__ = ["GenerationState", "GenerationFollower", "text_signature"]
 
 
 @dataclass
@@ -138,6 +139,51 @@ class GenerationState:
             m = per_pos.view(per_pos.shape[0], hw[0], hw[1], -1).permute(0, 3, 1, 2)  # (B, L, h, w)
             rep.maps[hw] = rep.maps[hw] + m if hw in rep.maps else m.clone()
             rep.map_counts[hw] = rep.map_counts.get(hw, 0) + query.shape[1]
+
+
+class GenerationFollower:
+    """Shared machinery of what follows a denoiser's clock to prune tokens (the UNet processor, the
+    MM-DiT text-stream pruner): the running generation's state, plan, report and warnings."""
+
+    config: TokenPruneConfig
+
+    def __init__(self, config: TokenPruneConfig) -> None:
+        self.config = config
+        self.tokenizer = None  # the clock's, or set by hand for hand-written loops
+        self.report: PruneReport | None = None  # the running or last generation
+        self._gen: GenerationState | None = None
+        self._warned: set[str] = set()
+
+    def __repr__(self) -> str:
+        c = self.config
+        return f"{type(self).__name__}({c.rule}={c.rule_value!r}, warmup={c.warmup!r}, min_tokens={c.min_tokens}, padding={c.padding!r})"
+
+    @property
+    def schedule(self) -> Schedule | None:
+        """The running (or last) generation's plan."""
+        return self._gen.schedule if self._gen is not None else None
+
+    @property
+    def current_plan(self) -> CallPlan | None:
+        """The running (or last) call's plan."""
+        return self._gen.plan if self._gen is not None else None
+
+    def _follow(self, info: CallInfo) -> GenerationState:
+        """A denoiser call starts: a new generation's state, or the running one advanced."""
+        if self._gen is None or info.generation != self._gen.info.generation:
+            if info.tokenizer is not None:
+                self.tokenizer = info.tokenizer
+            self._gen = GenerationState.start(info, self.config)
+            self.report = self._gen.report
+        stop = self._gen.begin_call(info, self.config)
+        if stop is not None:
+            self._warn_once("stopped", f"token pruning stops pruning and gating for this generation: {stop}.")
+        return self._gen
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, UserWarning, stacklevel=4)
 
 
 def text_signature(t: torch.Tensor) -> tuple:

@@ -15,7 +15,6 @@ keys in every block (diffusers' joint processors take no mask; this one does).
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -24,9 +23,7 @@ from diffusers.models.attention_processor import Attention, JointAttnProcessor2_
 
 from .clock import CallInfo, attach_clock, detach_clock, get_clock
 from .config import TokenPruneConfig
-from .generation import GenerationState
-from .report import PruneReport
-from .schedule import CallPlan, Schedule
+from .generation import GenerationFollower
 from .scoring import gather_rows
 
 __all__ = ["MMDiTTokenPruning", "JointTokenPruneProcessor", "SUPPORTED_MMDIT_PIPELINES", "apply_mmdit", "remove_mmdit", "get_mmdit"]
@@ -35,48 +32,27 @@ SUPPORTED_MMDIT_PIPELINES = ("StableDiffusion3Pipeline",)
 _STOCK_JOINT = (JointAttnProcessor2_0,)
 
 
-class MMDiTTokenPruning:
+class MMDiTTokenPruning(GenerationFollower):
     """Token pruning installed on an SD3 transformer (what :func:`~tokenprune_diffusers.apply_token_pruning`
     returns for such a pipeline): :attr:`config`, :attr:`report`, :attr:`schedule` as for the UNet."""
 
     def __init__(self, config: TokenPruneConfig) -> None:
         if config.gate is not None:
             raise ValueError(f"gate is a UNet cross-attention option; MM-DiT pruning takes gate=None, got {config.gate!r}")
-        self.config = config
-        self.report: PruneReport | None = None
+        super().__init__(config)
         self.originals: dict[str, Any] | None = None
         self.clock = None
-        self.tokenizer = None
-        self._gen: GenerationState | None = None
-        self._warned: set[str] = set()
-
-    def __repr__(self) -> str:
-        c = self.config
-        return f"MMDiTTokenPruning({c.rule}={c.rule_value!r}, warmup={c.warmup!r}, min_tokens={c.min_tokens}, padding={c.padding!r})"
-
-    @property
-    def schedule(self) -> Schedule | None:
-        return self._gen.schedule if self._gen is not None else None
-
-    @property
-    def current_plan(self) -> CallPlan | None:
-        return self._gen.plan if self._gen is not None else None
 
     # ------------------------------------------------------------------ per transformer call (the clock calls these)
     def on_call(self, info: CallInfo, args: tuple = (), kwargs: dict | None = None) -> None:
         """A transformer call starts: take its plan; from the first pruned call on, shorten its text
         stream in ``kwargs`` (the transformer is called with them)."""
-        if self._gen is None or info.generation != self._gen.info.generation:
-            if info.tokenizer is not None:
-                self.tokenizer = info.tokenizer
-            self._gen = GenerationState.start(info, self.config)
-            self.report = self._gen.report
-        gen = self._gen
-        stop = gen.begin_call(info, self.config)
-        if stop is not None:
-            self._warn_once("stopped", f"token pruning stops for this generation: {stop}.")
+        gen = self._follow(info)
         text = kwargs.get("encoder_hidden_states") if kwargs is not None else None  # (B, L, D)
         if not isinstance(text, torch.Tensor):
+            if len(args) > 1:
+                self._warn_once("positional", "the transformer was called with encoder_hidden_states by position: "
+                                              "token pruning needs it by name (as diffusers' pipelines pass it) and prunes nothing")
             return
         if gen.report.roles is None and not gen.bind_text(text, self.tokenizer, zero_tail=True) and info.num_calls is not None:
             self._warn_once("roles", "token pruning does not know the token ids of this batch (prompt_embeds given?): "
@@ -97,11 +73,6 @@ class MMDiTTokenPruning:
         """Warm-up: add the mass the image queries (B, H, N, d) give each text key; ``key`` is
         (B, H, N + L, d), image keys first."""
         self._gen.accumulate(image_query, key, bias, self.config, text_from=image_query.shape[2])
-
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(message, UserWarning, stacklevel=4)
 
 
 class JointTokenPruneProcessor:

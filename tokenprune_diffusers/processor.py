@@ -8,7 +8,6 @@ denoiser call and which reads the generation's plan from :mod:`~tokenprune_diffu
 
 from __future__ import annotations
 
-import warnings
 import weakref
 from typing import Any
 
@@ -18,9 +17,9 @@ from diffusers.models.attention_processor import Attention, AttnProcessor, AttnP
 
 from .clock import CallInfo, GenerationClock
 from .config import TokenPruneConfig
-from .generation import GenerationState, text_signature
-from .report import PruneReport, add_cross_attention_flops
-from .schedule import CallPlan, Schedule
+from .generation import GenerationFollower, text_signature
+from .report import add_cross_attention_flops
+from .schedule import CallPlan
 from .scoring import additive_mask, gather_mask, gather_rows
 
 __all__ = ["TokenPruneProcessor"]
@@ -28,7 +27,7 @@ __all__ = ["TokenPruneProcessor"]
 _STOCK = (AttnProcessor2_0,)  # the processor whose maths the skeleton below reproduces
 
 
-class TokenPruneProcessor:
+class TokenPruneProcessor(GenerationFollower):
     r"""Cross-attention processor that drops the prompt tokens the image no longer looks at.
 
     For the warm-up share of a generation's steps every token is kept and each token's
@@ -65,9 +64,7 @@ class TokenPruneProcessor:
             )
         if config is not None and options:
             raise TypeError(f"give a config or its options, not both (got options {sorted(options)})")
-        self.config = config if config is not None else TokenPruneConfig.from_options(**options)
-        self.tokenizer = None  # used when the clock knows none (hand-written loops)
-        self.report: PruneReport | None = None  # the running or last generation
+        super().__init__(config if config is not None else TokenPruneConfig.from_options(**options))
         self.originals: dict[str, Any] | None = None  # processors this one replaced (apply_token_pruning)
         self.clock = GenerationClock(num_steps=self.config.num_steps)  # replaced by the UNet's clock when applied
         self.clock.subscribe(self)
@@ -75,12 +72,6 @@ class TokenPruneProcessor:
         self._classic = AttnProcessor()  # diffusers' choice for layers with scale_qk=False
         self._inner: weakref.WeakKeyDictionary[Attention, Any] = weakref.WeakKeyDictionary()
         self._probe: weakref.ref | None = None  # an attention module: is this processor still installed?
-        self._gen: GenerationState | None = None
-        self._warned: set[str] = set()
-
-    def __repr__(self) -> str:
-        c = self.config
-        return f"TokenPruneProcessor({c.rule}={c.rule_value!r}, warmup={c.warmup!r}, min_tokens={c.min_tokens}, padding={c.padding!r})"
 
     # ------------------------------------------------------------------ public API
     def wrap(self, originals: dict[str, Any], modules: dict[str, Attention]) -> None:
@@ -109,16 +100,6 @@ class TokenPruneProcessor:
         """Forget the running generation (the next call starts a new one)."""
         self._gen = None
         self.clock.reset()
-
-    @property
-    def schedule(self) -> Schedule | None:
-        """The running (or last) generation's plan."""
-        return self._gen.schedule if self._gen is not None else None
-
-    @property
-    def current_plan(self) -> CallPlan | None:
-        """The running (or last) call's plan."""
-        return self._gen.plan if self._gen is not None else None
 
     # ------------------------------------------------------------------ the processor
     def __call__(
@@ -318,14 +299,7 @@ class TokenPruneProcessor:
         probe = self._probe() if self._probe is not None else None
         if self._probe is not None and (probe is None or probe.processor is not self):
             return  # replaced by set_attn_processor(): idle
-        if self._gen is None or info.generation != self._gen.info.generation:
-            if info.tokenizer is not None:
-                self.tokenizer = info.tokenizer
-            self._gen = GenerationState.start(info, self.config)
-            self.report = self._gen.report
-        stop = self._gen.begin_call(info, self.config)
-        if stop is not None:
-            self._warn_once("stopped", f"TokenPruneProcessor stops pruning and gating for this generation: {stop}.")
+        self._follow(info)
 
     def on_call_end(self, info: CallInfo) -> None:
         """A denoiser call ended: the layers that did not run (skipped by DeepCache) are credited to it."""
@@ -362,8 +336,3 @@ class TokenPruneProcessor:
         self._gen.layers.setdefault(id(attn), (dims, queries, full_len))
         add_cross_attention_flops(self._gen.report.steps[-1], dims, self._gen.batch, batch, queries, full_len, kept_len,
                                   scored=scored, kv_reused=kv_reused, gated=gated)
-
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(message, UserWarning, stacklevel=4)
