@@ -115,6 +115,7 @@ def environment(budget: str, command: str) -> dict:
         "torch_threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__,
         "numpy": np.__version__, "accelerate": accelerate.__version__, "scipy": scipy.__version__,
         "implicit": _implicit_version(), "cuda": torch.cuda.is_available(), "command": command,
+        "load_average_1_5_15min_at_write": list(os.getloadavg()),  # the VM is shared: fit seconds depend on it
     }
 
 

@@ -40,7 +40,7 @@ RANK_BY = ("ranking", "blend", "preference", "rating")
 
 
 def default_autoencoder() -> AutoencoderConfig:
-    """The default rating head: two autoencoders averaged (u1 RMSE within target; fit under 2 min)."""
+    """The default rating head: two autoencoders averaged (with the damped biases: u1 RMSE 0.8982)."""
     return AutoencoderConfig(ensemble=2)
 
 
@@ -74,7 +74,11 @@ class CMCConfig:
 
 
 class CMCRecommender(BaseRecommender):
-    """Contrastive matrix completion (blog + MCCL, arXiv 2506.10658) with the shared API."""
+    """Contrastive matrix completion (blog + MCCL, arXiv 2506.10658) with the shared API.
+
+    ``CMCRecommender()`` ranks with :mod:`cmc_rec.ranking` and predicts with the autoencoder head;
+    ``timings`` holds the seconds each part took to fit, ``head_weights`` the rating blend.
+    """
 
     def __init__(self, config: CMCConfig | None = None) -> None:
         super().__init__()

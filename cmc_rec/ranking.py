@@ -2,8 +2,11 @@
 
 The blog's loss, ``InfoNCE(user, liked item)``, is a sampled softmax over items; with in-batch
 negatives and no popularity (logQ) correction it pushes popular items down, and ranking collapses.
-Here every item of the catalog is a negative (``softmax over I`` of ``cos(z_u, z_j) / tau``), which
-is exact and cheap at this size ((B, I) logits per step).  Embeddings are propagated over the
+By default every item of the catalog is a negative (``softmax over I`` of ``cos(z_u, z_j) / tau``),
+exact and cheap at ML-100K's size ((B, I) logits per step).  For large catalogs, ``negatives=K``
+samples K items per step from the item popularity ``q`` and corrects every logit by ``- log q_j``
+(the logQ correction of Yi et al., RecSys 2019), so the sampled softmax estimates the full one:
+(B, K) logits per step.  Embeddings are propagated over the
 user-item graph with sparse ops (LightGCN: ``z = mean_l (D^-1/2 A D^-1/2)^l h0``, ``num_layers``
 hops).  Regulariser: MCCL's augmented view -- the same propagation on a graph with ratings dropped
 (``edge_dropout``), pulled toward the clean view by a node-level InfoNCE (``view_weight``; SGL).
@@ -39,11 +42,14 @@ class RankingConfig:
     view_weight: float = 0.0  # weight of the augmented-view InfoNCE (0: off)
     edge_dropout: float = 0.1  # share of ratings dropped in the augmented view
     view_nodes: int = 1024  # nodes per step in the view InfoNCE
+    negatives: int = 0  # 0: softmax over every item; K > 0: K popularity-sampled negatives per step, logQ-corrected
     init_std: float = 0.1  # h0 ~ N(0, init_std^2)
     seed: int = 0  # init, shuffling, edge dropout
     progress: bool = False  # tqdm bar over epochs
 
     def __post_init__(self) -> None:
+        if self.negatives < 0:
+            raise ValueError(f"RankingConfig.negatives must be >= 0, got {self.negatives}")
         for name in ("embedding_dim", "num_layers", "batch_size", "view_nodes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"RankingConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -66,6 +72,8 @@ class RankingModel(nn.Module):
         self.graph, self.config = graph, config
         self.num_users, self.num_items = graph.num_users, graph.num_items
         g = torch.Generator().manual_seed(config.seed)
+        counts = torch.bincount(graph.dst[graph.dst >= self.num_users] - self.num_users, minlength=self.num_items)
+        self.register_buffer("item_q", (counts.float() + 1.0) / (counts.sum() + self.num_items), persistent=False)
         self.h0 = nn.Parameter(torch.randn(graph.num_nodes, config.embedding_dim, generator=g) * config.init_std)
 
     def propagate(self, keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -82,8 +90,16 @@ class RankingModel(nn.Module):
         c = self.config
         z = self.propagate()  # (N, D)
         zu = F.normalize(z[users], dim=1)  # (B, D)
-        zi = F.normalize(z[self.num_users :], dim=1)  # (I, D)
-        rank = F.cross_entropy(zu @ zi.T / c.temperature, items)  # softmax over every item
+        if c.negatives == 0:
+            zi = F.normalize(z[self.num_users :], dim=1)  # (I, D)
+            rank = F.cross_entropy(zu @ zi.T / c.temperature, items)  # softmax over every item
+        else:  # sampled softmax with the logQ correction
+            neg = torch.multinomial(self.item_q, c.negatives, replacement=True, generator=generator)  # (K,)
+            log_q = self.item_q.log()
+            pos = (zu * F.normalize(z[items + self.num_users], dim=1)).sum(1) / c.temperature - log_q[items]  # (B,)
+            logits = zu @ F.normalize(z[neg + self.num_users], dim=1).T / c.temperature - log_q[neg]  # (B, K)
+            logits = logits.masked_fill(neg[None, :] == items[:, None], -torch.inf)  # a sample of the positive
+            rank = F.cross_entropy(torch.cat([pos[:, None], logits], 1), torch.zeros_like(items))
         total, view = rank, rank * 0.0
         if c.view_weight > 0:
             keep = self.graph.symmetric_keep(c.edge_dropout, generator)  # (2E,)
@@ -105,7 +121,7 @@ class RankingModel(nn.Module):
 def train_ranking(u: np.ndarray, i: np.ndarray, r: np.ndarray, num_users: int, num_items: int,
                   config: RankingConfig) -> RankingModel:
     """Fit a :class:`RankingModel` on contiguous user / item indices and ratings (n,) each."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # plain tqdm: tqdm.auto probes for IPython / widgets, seconds of imports
 
     c = config
     keep = np.ones(len(r), bool) if c.min_rating is None else r >= c.min_rating

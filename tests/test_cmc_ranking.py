@@ -134,6 +134,26 @@ def test_ranking_model_is_seeded_and_the_view_term_trains():
     assert not np.array_equal(view.recommend(users, k=5)[1], sa)  # the augmented-view term changes training
 
 
+def test_sampled_logq_softmax_learns_and_equals_full_softmax_on_uniform_items():
+    data = clustered()
+    train, test = per_user_split(data, 0.3, seed=0)
+    cmc = CMCRecommender(CMCConfig(ranking=tiny_ranking(seed=3, negatives=16), autoencoder=None)).fit(train)
+    assert evaluate(cmc, train, test, k=5).recall > 0.8
+    # the loss is the cross entropy of the positive against the K sampled items, every logit
+    # corrected by -log q (samples equal to the positive masked out)
+    model = cmc.ranker
+    users, items = torch.tensor([0, 1, 2]), torch.tensor([1, 0, 3])
+    sampled = model.loss(users, items, torch.Generator().manual_seed(5))["rank"]
+    neg = torch.multinomial(model.item_q, 16, replacement=True, generator=torch.Generator().manual_seed(5))
+    zu, zi = model.normalized_embeddings()
+    logits = zu[users] @ zi.T / model.config.temperature - model.item_q.log()  # (3, I) corrected
+    cand = torch.cat([logits[torch.arange(3), items][:, None],
+                      logits[:, neg].masked_fill(neg[None, :] == items[:, None], -torch.inf)], 1)
+    assert torch.allclose(sampled, (torch.logsumexp(cand, 1) - cand[:, 0]).mean(), atol=1e-5)
+    with pytest.raises(ValueError, match="negatives"):
+        RankingConfig(negatives=-1)
+
+
 def test_full_softmax_loss_is_cross_entropy_over_every_item():
     data = clustered(n_users=8, n_items=6)
     cmc = CMCRecommender(CMCConfig(ranking=tiny_ranking(epochs=0), autoencoder=None)).fit(data)
