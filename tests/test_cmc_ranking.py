@@ -192,3 +192,22 @@ def test_config_errors_name_the_value():
         CMCConfig(ranking=None)
     with pytest.raises(ValueError, match="min_rating"):
         CMCRecommender(CMCConfig(ranking=RankingConfig(min_rating=9.0), autoencoder=None)).fit(clustered())
+
+
+def test_implicit_wrappers_rank_the_clusters_or_skip_with_the_reason():
+    from cmc_rec.implicit_models import ImplicitALS, ImplicitBPR, implicit_available
+
+    if not implicit_available():
+        with pytest.raises(ImportError, match="measured-repro\\[ranking\\]"):
+            ImplicitALS().fit(clustered())
+        pytest.skip("implicit is not installed (optional extra measured-repro[ranking])")
+    data = clustered()
+    train, test = per_user_split(data, 0.3, seed=0)
+    als = ImplicitALS(factors=8, regularization=0.1, iterations=10, min_rating=4.0, seed=0).fit(train)
+    pop = evaluate(MostPopular().fit(train), train, test, k=5).recall
+    assert evaluate(als, train, test, k=5).recall > max(0.6, pop + 0.3)
+    a = ImplicitBPR(factors=8, iterations=5, seed=1).fit(train).recommend(np.unique(train.users)[:5], k=3)[1]
+    b = ImplicitBPR(factors=8, iterations=5, seed=1).fit(train).recommend(np.unique(train.users)[:5], k=3)[1]
+    assert np.array_equal(a, b)  # seeded
+    with pytest.raises(ValueError, match="alpha"):
+        ImplicitALS(alpha=0.0)
