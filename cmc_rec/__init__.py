@@ -2,11 +2,12 @@
 
 Quick start::
 
-    from cmc_rec import CMCRecommender, SVDRecommender, evaluate, load_movielens_100k_split
+    from cmc_rec import CMCRecommender, EASE, evaluate, load_movielens_100k_split
     train, test = load_movielens_100k_split("u1")
-    model = CMCRecommender().fit(train)
+    model = CMCRecommender().fit(train)       # ranks with InfoNCE graph embeddings, predicts with the autoencoder
     print(evaluate(model, train, test))
     item_ids, scores = model.recommend([1, 2, 3], k=10)
+    print(evaluate(EASE(reg=250.0).fit(train), train, test))  # the strongest baseline: ranking only
 
 Importing this package pulls in numpy and torch only (h5py, pandas, accelerate, matplotlib are
 imported inside the functions that need them).
@@ -15,6 +16,7 @@ imported inside the functions that need them).
 from __future__ import annotations
 
 from .autoencoder import AutoencoderConfig, KernelAutoencoderRecommender
+from .baselines import EASE, ItemKNN, MostPopular, RankingRecommender
 from .cmc import CMCConfig, CMCRecommender, temperature_sweep
 from .data import (
     ChecksumError,
@@ -29,12 +31,17 @@ from .data import (
     load_movielens_100k_split,
     random_split,
 )
+from .implicit_models import ImplicitALS, ImplicitBPR
 from .metrics import EvalResult, catalog_coverage, evaluate, mae, popularity_bias, recall_ndcg_at_k, rmse
-from .model import ContrastiveMatrixModel, LossConfig
+from .model import DEFAULT_TEMPERATURE, ContrastiveMatrixModel, LossConfig, info_nce
+from .ranking import RankingConfig, RankingModel
 from .recommender import BaseRecommender, MeanRecommender, SVDConfig, SVDRecommender
 from .train import TrainConfig, Trainer, TrainResult, atomic_save
+from .tuning import TuneResult, per_user_split, tune
 
 __all__ = [
+    "DEFAULT_TEMPERATURE",
+    "EASE",
     "AutoencoderConfig",
     "BaseRecommender",
     "CMCConfig",
@@ -44,28 +51,39 @@ __all__ = [
     "DatasetNotFoundError",
     "EvalResult",
     "IdMap",
+    "ImplicitALS",
+    "ImplicitBPR",
+    "ItemKNN",
     "KernelAutoencoderRecommender",
     "LossConfig",
     "MeanRecommender",
+    "MostPopular",
+    "RankingConfig",
+    "RankingModel",
+    "RankingRecommender",
     "Ratings",
     "SVDConfig",
     "SVDRecommender",
     "TrainConfig",
     "TrainResult",
+    "TuneResult",
     "Trainer",
     "atomic_fetch",
     "atomic_save",
     "catalog_coverage",
     "download_movielens",
     "evaluate",
+    "info_nce",
     "load_monti",
     "load_movielens_100k",
     "load_movielens_100k_split",
     "load_movielens_1m",
     "mae",
+    "per_user_split",
     "popularity_bias",
     "random_split",
     "recall_ndcg_at_k",
     "rmse",
     "temperature_sweep",
+    "tune",
 ]

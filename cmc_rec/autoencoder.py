@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .data import holdout_indices
+from .metrics import rmse
 from .recommender import BaseRecommender, damped_biases
 
 __all__ = ["AutoencoderConfig", "KernelAutoencoder", "KernelAutoencoderRecommender"]
@@ -187,7 +188,7 @@ class KernelAutoencoderRecommender(BaseRecommender):
                 continue
             with torch.no_grad():
                 pred = model(inputs)[vi, vu].clamp(lo, hi)  # (V,)
-                val = float((pred - vr).pow(2).mean().sqrt())
+                val = rmse(vr.numpy(), pred.numpy())
             history.append(val)
             if val < best:
                 best, best_state, since, best_epoch = val, copy.deepcopy(model.state_dict()), 0, epoch

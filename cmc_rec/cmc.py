@@ -1,20 +1,21 @@
 """``CMCRecommender``: contrastive matrix completion behind the shared recommender API.
 
-``fit`` carves a seeded validation split out of the ratings it is given (never the test set),
-builds the user-item graph from the rest, trains :class:`ContrastiveMatrixModel` with early
-stopping on validation RMSE, and keeps the best epoch.  ``predict`` uses the rating head;
-``recommend`` ranks by the preference score (``rank_by="preference"``, the cosine the blog's
-InfoNCE trains), by predicted rating (``rank_by="rating"``), or by default by their blend
-``cosine + blend_weight * r_hat``.  ``blend_weight = 0.1`` was picked on a validation split carved
-from ML-100K u1.base (seed 123; never a test set): Recall@10 0.070 (cosine) -> 0.106 (blend).
+Two parts, both fitted by ``fit`` on the ratings it is given (never a test set):
 
-Optional second rating head (``CMCConfig.autoencoder``): a kernelised item autoencoder
-(:mod:`cmc_rec.autoencoder`, whose first layer is a rating-weighted message pass over the same
-training graph) is fitted on the same training part, and ``predict`` returns
-``w0 + w1 * r_graph + w2 * r_autoencoder`` with the three weights fitted by least squares on the
-validation split (the one early stopping uses; the test set is never seen).  ``recommend`` is
-unchanged by it (it ranks with the graph model's scores).  ``graph_head()`` returns the fitted graph
-model alone as a recommender, without refitting it.
+* **ranking** (``recommend``): graph embeddings trained by InfoNCE over all items
+  (:mod:`cmc_rec.ranking`, ``CMCConfig.ranking``); items are ranked by the cosine of the user's
+  and the item's embedding.
+* **rating** (``predict``): the kernelised item autoencoder (:mod:`cmc_rec.autoencoder`,
+  ``CMCConfig.autoencoder``) and, optionally (``CMCConfig.graph_rating``), MCCL's graph model with
+  its MSE rating head (denoising + variational views, :class:`ContrastiveMatrixModel`, early
+  stopping on validation RMSE).  With the autoencoder, ``predict`` returns
+  ``w . (1, damped biases, graph head if fitted, autoencoder)`` with the weights fitted by least
+  squares on a seeded validation split carved out of the ratings (``TrainConfig.val_fraction``);
+  the heads are fitted on the rest.  A lone graph model predicts with its own head.
+
+With ``graph_rating`` the graph model can also rank: ``rank_by="preference"`` (cosine of its
+projection head), ``"rating"`` (its predicted rating) or ``"blend"`` (``cosine + blend_weight *
+r_hat``).  ``graph_head()`` returns the fitted graph model alone as a recommender, without refitting.
 """
 
 from __future__ import annotations
@@ -29,17 +30,27 @@ import torch
 import torch.nn.functional as F
 
 from .autoencoder import AutoencoderConfig, KernelAutoencoderRecommender
-from .data import Ratings, holdout_indices, random_split
-from .metrics import evaluate
+from .data import Ratings, holdout_indices
 from .model import ContrastiveMatrixModel, LossConfig
-from .recommender import BaseRecommender
+from .ranking import RankingConfig, train_ranking
+from .recommender import BaseRecommender, damped_biases
 from .train import TrainConfig, Trainer, TrainResult
 
-RANK_BY = ("blend", "preference", "rating")
+RANK_BY = ("ranking", "blend", "preference", "rating")
+
+
+def default_autoencoder() -> AutoencoderConfig:
+    """The default rating head: two autoencoders averaged (with the damped biases: u1 RMSE 0.8982)."""
+    return AutoencoderConfig(ensemble=2)
 
 
 @dataclass
 class CMCConfig:
+    ranking: RankingConfig | None = field(default_factory=RankingConfig)  # recommend()'s model (None: off)
+    autoencoder: AutoencoderConfig | None = field(default_factory=default_autoencoder)  # rating head
+    graph_rating: bool = False  # also fit MCCL's graph model (MSE rating head; fields below) as a rating head
+    rank_by: str = "ranking"  # "ranking" (the InfoNCE model above) or, with graph_rating, one of the graph model's
+    # -- MCCL's graph model (graph_rating=True) ------------------------------------------------
     embedding_dim: int = 64  # D (the blog uses 128; 64 is as good on ML-100K and twice as fast)
     num_layers: int = 2  # message-passing layers in each view
     attention_dim: int = 16  # d_att of the denoising view's edge scores
@@ -47,21 +58,27 @@ class CMCConfig:
     node_dropout: float = 0.3  # share of input node embeddings zeroed per step (training only; tuned on val)
     init_std: float = 0.1  # embeddings ~ N(0, init_std^2)
     standardize: bool = False  # train on (r - mean) / std: makes l2 etc. scale-free (e.g. YahooMusic's 1-100)
-    rank_by: str = "blend"  # recommend() score: "preference" (InfoNCE cosine), "rating", or "blend" of both
-    blend_weight: float = 0.1  # blend = cosine + blend_weight * predicted rating (chosen on a validation split)
-    autoencoder: AutoencoderConfig | None = None  # second rating head, blended on validation (None: graph head only)
+    blend_weight: float = 0.1  # rank_by="blend": cosine + blend_weight * predicted rating (chosen on validation)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
         if self.rank_by not in RANK_BY:
             raise ValueError(f"rank_by must be one of {RANK_BY}, got {self.rank_by!r}")
+        if self.rank_by == "ranking" and self.ranking is None:
+            raise ValueError("rank_by='ranking' needs CMCConfig.ranking (a RankingConfig), got None")
+        if self.rank_by != "ranking" and not self.graph_rating:
+            raise ValueError(f"rank_by={self.rank_by!r} ranks with the graph model: set graph_rating=True")
         if self.embedding_dim < 1 or self.num_layers < 1:
             raise ValueError(f"embedding_dim and num_layers must be >= 1, got {self.embedding_dim}, {self.num_layers}")
 
 
 class CMCRecommender(BaseRecommender):
-    """Contrastive matrix completion (blog + MCCL, arXiv 2506.10658) with the shared API."""
+    """Contrastive matrix completion (blog + MCCL, arXiv 2506.10658) with the shared API.
+
+    ``CMCRecommender()`` ranks with :mod:`cmc_rec.ranking` and predicts with the autoencoder head;
+    ``timings`` holds the seconds each part took to fit, ``head_weights`` the rating blend.
+    """
 
     def __init__(self, config: CMCConfig | None = None) -> None:
         super().__init__()
@@ -72,11 +89,37 @@ class CMCRecommender(BaseRecommender):
 
     def _fit(self, u, i, r) -> None:
         c, tc = self.config, self.config.train
-        start = time.perf_counter()
+        self.timings = {}  # seconds each part took to fit
+        self.model, self.result, self.autoencoder, self.ranker = None, None, None, None
+        tr, va = holdout_indices(len(r), tc.val_fraction, seed=tc.seed)
+        if c.ranking is not None:  # ranks from every rating: it has no validation-based choice to make
+            start = time.perf_counter()
+            self.ranker = train_ranking(u, i, r, self.n_users, self.n_items, c.ranking)
+            self._zu, self._zi = self.ranker.normalized_embeddings()  # (U, D), (I, D)
+            self.timings["ranking"] = time.perf_counter() - start
+        self._biases = damped_biases(u[tr], i[tr], r[tr], self.n_users, self.n_items, float(r[tr].mean()))
+        self._bias_mean = float(r[tr].mean())
+        if c.graph_rating:
+            start = time.perf_counter()
+            self._fit_graph(u, i, r, tr, va)
+            self.timings["graph"] = time.perf_counter() - start
+        if c.autoencoder is not None:
+            start = time.perf_counter()
+            # the autoencoder's "raw" ids are this model's indices; users / items seen only in the
+            # validation part are unknown to it and get its documented bias fallback
+            self.autoencoder = KernelAutoencoderRecommender(c.autoencoder).fit(Ratings(u[tr], i[tr], r[tr]))
+            self.timings["autoencoder"] = time.perf_counter() - start
+        self.head_weights = None
+        if len(va) and self.autoencoder is not None:  # a lone graph model predicts by itself
+            x = self._head_features(u[va], i[va])  # (V, F)
+            self.head_weights = np.linalg.lstsq(x, r[va].astype(np.float64), rcond=None)[0]  # (F,)
+
+    def _fit_graph(self, u, i, r, tr, va) -> None:
+        """MCCL's graph model with its MSE rating head, early-stopped on the validation part."""
+        c, tc = self.config, self.config.train
         levels_raw = np.unique(r)
         levels = np.searchsorted(levels_raw, r)  # rating value -> level index
         self.levels = levels_raw
-        tr, va = holdout_indices(len(r), tc.val_fraction, seed=tc.seed)
         # optional standardisation: the model sees (r - shift) / scale; predictions are mapped back
         self._shift = float(r[tr].mean()) if c.standardize else 0.0
         self._scale = float(r[tr].std()) if c.standardize and r[tr].std() > 0 else 1.0
@@ -97,12 +140,6 @@ class CMCRecommender(BaseRecommender):
         self._z = self.model.embeddings()  # (N, D) cached for inference
         self._bu = self.model.user_bias.weight.detach().squeeze(1)  # (U,)
         self._bi = self.model.item_bias.weight.detach().squeeze(1)  # (I,)
-        self.autoencoder, self.head_weights = None, None
-        self.timings = {"graph": time.perf_counter() - start}  # seconds, per head
-        if c.autoencoder is not None:
-            start = time.perf_counter()
-            self._fit_autoencoder_head(u, i, r, tr, va)
-            self.timings["autoencoder"] = time.perf_counter() - start
 
     def graph_head(self) -> CMCRecommender:
         """The fitted graph model alone (its MSE rating head), as a recommender; nothing is refitted.
@@ -114,24 +151,13 @@ class CMCRecommender(BaseRecommender):
         top level of ``config``: setting ``head.config.rank_by`` leaves this one's unchanged.
         """
         self._require_fitted()
+        if self.model is None:
+            raise ValueError("this CMCRecommender has no graph model: fit it with CMCConfig(graph_rating=True)")
         head = copy.copy(self)
-        head.config = dataclasses.replace(self.config, autoencoder=None)
-        head.autoencoder, head.head_weights = None, None
+        head.config = dataclasses.replace(self.config, autoencoder=None, ranking=None, rank_by="blend")
+        head.autoencoder, head.head_weights, head.ranker = None, None, None
         head.timings = {"graph": self.timings["graph"]}
         return head
-
-    def _fit_autoencoder_head(self, u, i, r, tr, va) -> None:
-        """Fit the autoencoder on the training part; blend weights by least squares on validation."""
-        # the autoencoder's "raw" ids are this model's indices; users / items seen only in the
-        # validation part are unknown to it and get its documented bias fallback
-        self.autoencoder = KernelAutoencoderRecommender(self.config.autoencoder).fit(Ratings(u[tr], i[tr], r[tr]))
-        if len(va) == 0:  # nothing to fit the weights on: plain average of the two heads
-            self.head_weights = np.array([0.0, 0.5, 0.5])
-            return
-        graph = self._graph_rating(u[va], i[va])  # (V,)
-        ae = self.autoencoder.predict(u[va], i[va]).astype(np.float64)  # (V,)
-        x = np.stack([np.ones(len(va)), graph, ae], 1)  # (V, 3)
-        self.head_weights = np.linalg.lstsq(x, r[va].astype(np.float64), rcond=None)[0]  # (3,)
 
     # -- scoring ------------------------------------------------------------------------------
     def _graph_rating(self, u, i) -> np.ndarray:
@@ -139,14 +165,27 @@ class CMCRecommender(BaseRecommender):
             pred = self.model.rating(self._z, torch.as_tensor(u), torch.as_tensor(i)).numpy()
         return pred.astype(np.float64) * self._scale + self._shift  # rating units
 
+    def _head_features(self, u, i) -> np.ndarray:
+        """(n, F) columns: 1, damped-bias baseline, graph head (if fitted), autoencoder (if fitted)."""
+        cols = [np.ones(len(u)), self._bias_mean + self._biases[0][u] + self._biases[1][i]]
+        if self.model is not None:
+            cols.append(self._graph_rating(u, i))
+        if self.autoencoder is not None:
+            cols.append(self.autoencoder.predict(u, i).astype(np.float64))
+        return np.stack(cols, 1)
+
     def _score(self, u, i):
-        graph = self._graph_rating(u, i)
-        if self.autoencoder is None:
-            return graph
-        w0, w1, w2 = self.head_weights
-        return w0 + w1 * graph + w2 * self.autoencoder.predict(u, i)
+        if self.head_weights is not None:
+            return self._head_features(u, i) @ self.head_weights
+        if self.model is not None:
+            return self._graph_rating(u, i)
+        if self.autoencoder is not None:
+            return self.autoencoder.predict(u, i).astype(np.float64)
+        return self._bias_mean + self._biases[0][u] + self._biases[1][i]
 
     def _score_all(self, u):
+        if self.config.rank_by == "ranking":
+            return (self._zu[torch.as_tensor(u)] @ self._zi.T).numpy()  # (B, I) cosine
         zu = self._z[torch.as_tensor(u)]  # (B, D)
         zi = self._z[self.n_users :]  # (I, D)
         rating = self.model.global_mean + self._bu[torch.as_tensor(u)][:, None] + self._bi[None, :] + zu @ zi.T
@@ -160,28 +199,36 @@ class CMCRecommender(BaseRecommender):
         return (cosine + self.config.blend_weight * rating).numpy()  # (B, I) blend
 
     def _user_bias(self, u):  # in rating units, relative to the global mean (fallback)
-        return self._bu[torch.as_tensor(u)].numpy() * self._scale
+        if self.model is not None:
+            return self._bu[torch.as_tensor(u)].numpy() * self._scale
+        return self._biases[0][u] + self._bias_mean - self.global_mean
 
     def _item_bias(self, i):
-        return self._bi[torch.as_tensor(i)].numpy() * self._scale
+        if self.model is not None:
+            return self._bi[torch.as_tensor(i)].numpy() * self._scale
+        return self._biases[1][i]
+
+
+def with_temperature(config: CMCConfig, temperature: float) -> CMCConfig:
+    """``config`` with tau of every InfoNCE term set to ``temperature`` (ranking model and graph model)."""
+    ranking = None if config.ranking is None else dataclasses.replace(config.ranking, temperature=temperature)
+    return dataclasses.replace(config, ranking=ranking, loss=dataclasses.replace(config.loss, temperature=temperature))
 
 
 def temperature_sweep(train, temperatures, config: CMCConfig | None = None, val_fraction: float = 0.1,
                       seed: int = 0, k: int = 10) -> list[dict]:
     """Fit one CMC per temperature on part of ``train`` and score it on the held-out rest.
 
-    Only training data is used: ``train`` is split (seeded) into fit / validation parts; returns
-    one dict per temperature with the validation metrics (RMSE, Recall@k, NDCG@k, coverage).
+    Only training data is used: :func:`cmc_rec.tuning.tune` carves a seeded per-user validation
+    share ``val_fraction`` out of ``train``; returns one dict per temperature with the validation
+    metrics (RMSE, Recall@k, NDCG@k, coverage, fit seconds).
     """
-    train = Ratings.from_any(train)
+    from .tuning import tune
+
     temps = [float(t) for t in temperatures]
-    if not temps or min(temps) <= 0:
+    if not temps or not min(temps) > 0:
         raise ValueError(f"temperatures must be a non-empty list of positive numbers, got {temperatures}")
-    fit_part, val_part = random_split(train, val_fraction, seed=seed)
     base = config or CMCConfig()
-    rows = []
-    for t in temps:
-        cfg = CMCConfig(**{**base.__dict__, "loss": LossConfig(**{**base.loss.__dict__, "temperature": t})})
-        model = CMCRecommender(cfg).fit(fit_part)
-        rows.append({"temperature": t, **evaluate(model, fit_part, val_part, k=k).as_dict()})
-    return rows
+    result = tune(lambda temperature: CMCRecommender(with_temperature(base, temperature)),
+                  {"temperature": temps}, train, fraction=val_fraction, seed=seed, k=k)
+    return [{**row["params"], **{key: v for key, v in row.items() if key != "params"}} for row in result.rows]

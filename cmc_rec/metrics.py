@@ -27,6 +27,10 @@ def _pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.shape != b.shape or a.size == 0:
         raise ValueError(f"need two non-empty arrays of one shape, got {a.shape} and {b.shape}")
+    for name, x in (("y_true", a), ("y_pred", b)):
+        if not np.all(np.isfinite(x)):
+            bad = x[~np.isfinite(x)][0]
+            raise ValueError(f"{name} holds a non-finite value ({bad}) at index {int(np.flatnonzero(~np.isfinite(x))[0])}")
     return a, b
 
 
@@ -105,12 +109,17 @@ def evaluate(model, train, test, k: int = 10, threshold: float = 4.0, batch_size
     """Rating error on every test triple, and top-K metrics under the protocol above.
 
     ``model`` is any fitted recommender of this package (``predict`` / ``recommend``);
-    ``train`` / ``test`` are :class:`cmc_rec.data.Ratings`.
+    ``train`` / ``test`` are :class:`cmc_rec.data.Ratings`.  A ranking-only model
+    (``model.predicts_ratings`` false) gets NaN RMSE / MAE.
     """
     from .data import Ratings
 
     train, test = Ratings.from_any(train), Ratings.from_any(test)
-    pred = model.predict(test.users, test.items)
+    if getattr(model, "predicts_ratings", True):
+        pred = model.predict(test.users, test.items)
+        err_rmse, err_mae = rmse(test.ratings, pred), mae(test.ratings, pred)
+    else:
+        err_rmse = err_mae = float("nan")
     rel = relevant_sets(test.users, test.items, test.ratings, threshold)
     users = np.array(sorted(rel))
     if len(users) == 0:
@@ -122,8 +131,8 @@ def evaluate(model, train, test, k: int = 10, threshold: float = 4.0, batch_size
     valid = rec[np.isin(rec, catalog)]
     pct, gini = popularity_bias(valid, train.items)
     return EvalResult(
-        rmse=rmse(test.ratings, pred),
-        mae=mae(test.ratings, pred),
+        rmse=err_rmse,
+        mae=err_mae,
         recall=recall,
         ndcg=ndcg,
         coverage=catalog_coverage(valid, len(catalog)),

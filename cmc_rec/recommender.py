@@ -25,6 +25,8 @@ class BaseRecommender:
     (for the fallback) and ``_score(u_idx, i_idx)`` / ``_score_all(u_idx)``.
     """
 
+    predicts_ratings = True  # False for ranking-only models: predict raises, evaluate reports NaN RMSE
+
     def __init__(self) -> None:
         self.user_map: IdMap | None = None
         self.item_map: IdMap | None = None

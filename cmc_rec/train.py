@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .metrics import rmse
 from .model import ContrastiveMatrixModel, LossConfig
 
 
@@ -172,4 +173,4 @@ def evaluate_rmse(model: ContrastiveMatrixModel, users: np.ndarray, items: np.nd
     pred = model.rating(z, torch.as_tensor(users, device=device).long(), torch.as_tensor(items, device=device).long())
     if clip is not None:
         pred = pred.clamp(*clip)
-    return float(torch.sqrt(torch.mean((pred.cpu() - torch.as_tensor(ratings).float()) ** 2)))
+    return rmse(np.asarray(ratings), pred.cpu().numpy())

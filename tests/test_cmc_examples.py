@@ -24,5 +24,5 @@ def test_example_smoke_runs():
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.splitlines()
     assert any(line.startswith("cmc ") for line in lines) and any(line.startswith("svd") for line in lines)
-    assert any(line.startswith("cmc+ae") for line in lines)
+    assert any(line.startswith("ease") for line in lines)
     assert "top-5 items" in out.stdout

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from cmc_rec import CMCConfig, CMCRecommender, LossConfig, MeanRecommender, TrainConfig, temperature_sweep
-from cmc_rec.data import Ratings, random_split
+from cmc_rec.data import Ratings, holdout_indices, random_split
 from cmc_rec.model import ContrastiveMatrixModel
+from cmc_rec.recommender import damped_biases
 from cmc_rec.train import Trainer, atomic_save
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors (tests/conftest.py)
@@ -25,7 +26,8 @@ def low_rank(n_users=50, n_items=30, rank=2, density=0.5, seed=0):
 
 
 def small_config(**train):
-    return CMCConfig(embedding_dim=8, num_layers=1, attention_dim=4, node_dropout=0.0,
+    """MCCL's graph model alone (no ranking model, no autoencoder): the pre-ranking CMC."""
+    return CMCConfig(ranking=None, autoencoder=None, graph_rating=True, rank_by="blend", embedding_dim=8, num_layers=1, attention_dim=4, node_dropout=0.0,
                      loss=LossConfig(l2=0.01, contrast_batch=64),
                      train=TrainConfig(**{"epochs": 30, "batch_size": 256, "lr": 0.03, "patience": 5,
                                           "view_nodes": 32, "cpu": True, **train}))
@@ -147,12 +149,18 @@ def test_autoencoder_rating_head_blends_on_validation_and_keeps_ranking():
     plain = CMCRecommender(small_config()).fit(train)
     ae_cfg = AutoencoderConfig(hidden=16, num_hidden_layers=1, l2=1.0, kernel_l2=0.01, epochs=10, patience=10)
     hybrid = CMCRecommender(dataclasses.replace(small_config(), autoencoder=ae_cfg)).fit(train)
-    w0, w1, w2 = hybrid.head_weights  # fitted on CMC's validation split
+    w0, w_bias, w1, w2 = hybrid.head_weights  # fitted on CMC's validation split
     u, i = hybrid.user_map.to_index(test.users), hybrid.item_map.to_index(test.items)
     known = (u >= 0) & (i >= 0)
     graph = plain.predict(test.users, test.items)[known]  # same seed: the same graph model
     ae = hybrid.autoencoder.predict(u[known], i[known])
-    expected = np.clip(w0 + w1 * graph + w2 * ae, 1, 5)
+    # the bias column: damped biases of the part the heads were fitted on (the validation carve removed)
+    tu, ti = hybrid.user_map.to_index(train.users), hybrid.item_map.to_index(train.items)
+    tr, _ = holdout_indices(len(train), hybrid.config.train.val_fraction, seed=hybrid.config.train.seed)
+    mu = float(train.ratings[tr].mean())
+    bu, bi = damped_biases(tu[tr], ti[tr], train.ratings[tr], hybrid.n_users, hybrid.n_items, mu)
+    bias = mu + bu[u[known]] + bi[i[known]]
+    expected = np.clip(w0 + w_bias * bias + w1 * graph + w2 * ae, 1, 5)
     assert np.allclose(hybrid.predict(test.users, test.items)[known], expected, atol=1e-4)
     rmse = lambda p: np.sqrt(np.mean((p - test.ratings[known]) ** 2))  # noqa: E731
     assert rmse(hybrid.predict(test.users, test.items)[known]) < rmse(graph)

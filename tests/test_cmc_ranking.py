@@ -1,0 +1,213 @@
+"""Ranking: the baselines (popularity, ItemKNN, EASE), the tuning helper, and CMC's InfoNCE ranking model."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from cmc_rec import CMCConfig, CMCRecommender, evaluate
+from cmc_rec.baselines import EASE, ItemKNN, MostPopular
+from cmc_rec.data import Ratings
+from cmc_rec.metrics import catalog_coverage
+from cmc_rec.ranking import RankingConfig
+from cmc_rec.tuning import grid_points, per_user_split, tune
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors (tests/conftest.py)
+
+
+def clustered(n_users=60, n_items=40, n_groups=4, seed=0):
+    """Users of group g rate (mostly) items of group g, high; a few random low ratings elsewhere."""
+    rng = np.random.default_rng(seed)
+    gu, gi = np.arange(n_users) % n_groups, np.arange(n_items) % n_groups
+    rows = []
+    for u in range(n_users):
+        own = np.flatnonzero(gi == gu[u])
+        for i in rng.choice(own, size=len(own) * 3 // 5, replace=False):
+            rows.append((u + 1, i + 101, rng.choice([4.0, 5.0])))
+        for i in rng.choice(np.flatnonzero(gi != gu[u]), size=2, replace=False):
+            rows.append((u + 1, i + 101, rng.choice([1.0, 2.0])))
+    return Ratings.from_any(np.array(rows))
+
+
+def tiny_ranking(**kw):
+    return RankingConfig(**{"embedding_dim": 16, "epochs": 40, "batch_size": 256, "lr": 0.03, "min_rating": 4.0, **kw})
+
+
+def test_per_user_split_holds_out_a_share_of_every_user():
+    data = clustered()
+    fit, val = per_user_split(data, 0.25, seed=1)
+    assert len(fit) + len(val) == len(data)
+    counts = {u: (data.users == u).sum() for u in np.unique(data.users)}
+    for u, n in counts.items():
+        assert (val.users == u).sum() == max(1, round(0.25 * n))
+    pairs = lambda r: set(zip(r.users.tolist(), r.items.tolist()))  # noqa: E731
+    assert not pairs(fit) & pairs(val)
+    again, _ = per_user_split(data, 0.25, seed=1)
+    other, _ = per_user_split(data, 0.25, seed=2)
+    assert pairs(again) == pairs(fit) and pairs(other) != pairs(fit)
+    with pytest.raises(ValueError, match="fraction"):
+        per_user_split(data, 1.0)
+
+
+def test_baselines_rank_the_users_own_cluster_and_popularity_is_counts():
+    data = clustered()
+    train, test = per_user_split(data, 0.3, seed=0)
+    for model in (ItemKNN(k=10, min_rating=4.0), EASE(reg=5.0, min_rating=4.0)):  # learn from the liked items
+        res = evaluate(model.fit(train), train, test, k=5)
+        assert res.recall > 0.8 and np.isnan(res.rmse)  # ranking-only: no RMSE
+        with pytest.raises(TypeError, match="predicts no rating"):
+            model.predict(train.users[:1], train.items[:1])
+    pop = MostPopular().fit(train)
+    ids, scores = pop.recommend([train.users[0]], k=3, exclude_seen=False)
+    counts = {i: (train.items == i).sum() for i in np.unique(train.items)}
+    assert list(scores[0]) == sorted(counts.values(), reverse=True)[:3]
+    assert [counts[i] for i in ids[0]] == list(scores[0])
+    assert evaluate(pop, train, test, k=5).recall < 0.5  # popularity ignores the clusters
+
+
+def test_ease_matches_its_closed_form_and_knn_keeps_k_neighbours():
+    data = clustered(n_users=20, n_items=12)
+    ease = EASE(reg=3.0).fit(data)
+    x = np.zeros((ease.n_users, ease.n_items))
+    x[ease.user_map.to_index(data.users), ease.item_map.to_index(data.items)] = 1.0
+    p = np.linalg.inv(x.T @ x + 3.0 * np.eye(ease.n_items))
+    b = np.eye(ease.n_items) - p / np.diag(p)[None, :]  # Steck (2019): B = I - P diagMat(1 / diag P)
+    users = np.unique(data.users)
+    ids, scores = ease.recommend(users, k=ease.n_items, exclude_seen=False)
+    expect = x @ b  # (U, I)
+    got = np.take_along_axis(expect, ease.item_map.to_index(ids), 1)
+    assert np.allclose(got, scores, atol=1e-4)
+    knn = ItemKNN(k=2).fit(data)
+    ids, _ = knn.recommend(users[:1], k=3)
+    assert ids.shape == (1, 3)
+    with pytest.raises(ValueError, match="reg"):
+        EASE(reg=float("nan"))
+    with pytest.raises(ValueError, match="min_rating"):
+        ItemKNN(min_rating=float("nan"))
+
+
+def test_tune_picks_the_best_validation_point_and_reports_every_one():
+    data = clustered()
+    grid = {"reg": [0.5, 50.0, 5000.0]}
+    res = tune(lambda reg: EASE(reg, min_rating=4.0), grid, data, fraction=0.2, seed=0, metric="ndcg", k=5)
+    assert [r["params"] for r in res.rows] == grid_points(grid)
+    best = max(res.rows, key=lambda r: r["ndcg"])
+    assert res.best == best["params"] and res.best_row is best
+    assert res.best["reg"] != 5000.0  # a huge lambda flattens EASE towards popularity
+    assert res.best_row["ndcg"] > min(r["ndcg"] for r in res.rows)
+    with pytest.raises(ValueError, match="metric"):
+        tune(EASE, grid, data, metric="auc")
+    with pytest.raises(ValueError, match="non-empty"):
+        grid_points({"reg": []})
+
+
+def test_ranking_cmc_learns_the_clusters_and_beats_popularity():
+    data = clustered()
+    train, test = per_user_split(data, 0.3, seed=0)
+    cfg = CMCConfig(ranking=tiny_ranking(seed=3), autoencoder=None)
+    cmc = CMCRecommender(cfg).fit(train)
+    res = evaluate(cmc, train, test, k=5)
+    pop = evaluate(MostPopular().fit(train), train, test, k=5)
+    assert res.recall > 0.8 and res.recall > pop.recall + 0.3
+    assert set(cmc.timings) == {"ranking"}
+    # scores are cosines of unit embeddings
+    _, scores = cmc.recommend(np.unique(train.users)[:4], k=5)
+    assert np.all(scores <= 1.0 + 1e-5) and np.all(np.diff(scores, axis=1) <= 1e-6)
+    # without a rating head, predict falls back to the damped biases (finite, in range)
+    p = cmc.predict(train.users[:10], train.items[:10])
+    assert np.all((p >= 1) & (p <= 5))
+
+
+def test_ranking_model_is_seeded_and_the_view_term_trains():
+    data = clustered()
+    a = CMCRecommender(CMCConfig(ranking=tiny_ranking(seed=1, epochs=3), autoencoder=None)).fit(data)
+    b = CMCRecommender(CMCConfig(ranking=tiny_ranking(seed=1, epochs=3), autoencoder=None)).fit(data)
+    c = CMCRecommender(CMCConfig(ranking=tiny_ranking(seed=2, epochs=3), autoencoder=None)).fit(data)
+    users = np.unique(data.users)
+    sa, sb, sc = (m.recommend(users, k=5)[1] for m in (a, b, c))
+    assert np.array_equal(sa, sb) and not np.array_equal(sa, sc)
+    view = CMCRecommender(CMCConfig(ranking=tiny_ranking(seed=1, epochs=3, view_weight=0.5), autoencoder=None))
+    view.fit(data)
+    assert not np.array_equal(view.recommend(users, k=5)[1], sa)  # the augmented-view term changes training
+
+
+def test_sampled_logq_softmax_learns_and_equals_full_softmax_on_uniform_items():
+    data = clustered()
+    train, test = per_user_split(data, 0.3, seed=0)
+    cmc = CMCRecommender(CMCConfig(ranking=tiny_ranking(seed=3, negatives=16), autoencoder=None)).fit(train)
+    assert evaluate(cmc, train, test, k=5).recall > 0.8
+    # the loss is the cross entropy of the positive against the K sampled items, every logit
+    # corrected by -log q (samples equal to the positive masked out)
+    model = cmc.ranker
+    users, items = torch.tensor([0, 1, 2]), torch.tensor([1, 0, 3])
+    sampled = model.loss(users, items, torch.Generator().manual_seed(5))["rank"]
+    neg = torch.multinomial(model.item_q, 16, replacement=True, generator=torch.Generator().manual_seed(5))
+    zu, zi = model.normalized_embeddings()
+    logits = zu[users] @ zi.T / model.config.temperature - model.item_q.log()  # (3, I) corrected
+    cand = torch.cat([logits[torch.arange(3), items][:, None],
+                      logits[:, neg].masked_fill(neg[None, :] == items[:, None], -torch.inf)], 1)
+    assert torch.allclose(sampled, (torch.logsumexp(cand, 1) - cand[:, 0]).mean(), atol=1e-5)
+    with pytest.raises(ValueError, match="negatives"):
+        RankingConfig(negatives=-1)
+
+
+def test_full_softmax_loss_is_cross_entropy_over_every_item():
+    data = clustered(n_users=8, n_items=6)
+    cmc = CMCRecommender(CMCConfig(ranking=tiny_ranking(epochs=0), autoencoder=None)).fit(data)
+    model = cmc.ranker
+    users, items = torch.tensor([0, 1, 2]), torch.tensor([1, 0, 3])
+    out = model.loss(users, items, torch.Generator().manual_seed(0))
+    zu, zi = model.normalized_embeddings()
+    logits = zu[users] @ zi.T / model.config.temperature  # (3, I)
+    expect = (torch.logsumexp(logits, 1) - logits[torch.arange(3), items]).mean()
+    assert torch.allclose(out["rank"], expect, atol=1e-5)
+
+
+def test_default_cmc_ranks_and_predicts_with_the_autoencoder_head():
+    from cmc_rec import AutoencoderConfig
+
+    data = clustered()
+    train, test = per_user_split(data, 0.3, seed=0)
+    ae = AutoencoderConfig(hidden=16, num_hidden_layers=1, l2=1.0, kernel_l2=0.01, epochs=5, patience=5)
+    cmc = CMCRecommender(dataclasses.replace(CMCConfig(ranking=tiny_ranking()), autoencoder=ae)).fit(train)
+    assert set(cmc.timings) == {"ranking", "autoencoder"} and len(cmc.head_weights) == 3  # 1, biases, ae
+    res = evaluate(cmc, train, test, k=5)
+    assert np.isfinite(res.rmse) and res.recall > 0.8
+    assert catalog_coverage(cmc.recommend(np.unique(train.users), k=5)[0], len(np.unique(train.items))) > 0.3
+    defaults = CMCConfig()
+    assert defaults.rank_by == "ranking" and defaults.ranking is not None and defaults.autoencoder is not None
+
+
+def test_config_errors_name_the_value():
+    with pytest.raises(ValueError, match="temperature"):
+        RankingConfig(temperature=float("nan"))
+    with pytest.raises(ValueError, match="edge_dropout"):
+        RankingConfig(edge_dropout=1.0)
+    with pytest.raises(ValueError, match="graph_rating"):
+        CMCConfig(rank_by="blend")
+    with pytest.raises(ValueError, match="ranking"):
+        CMCConfig(ranking=None)
+    with pytest.raises(ValueError, match="min_rating"):
+        CMCRecommender(CMCConfig(ranking=RankingConfig(min_rating=9.0), autoencoder=None)).fit(clustered())
+
+
+def test_implicit_wrappers_rank_the_clusters_or_skip_with_the_reason():
+    from cmc_rec.implicit_models import ImplicitALS, ImplicitBPR, implicit_available
+
+    if not implicit_available():
+        with pytest.raises(ImportError, match="measured-repro\\[ranking\\]"):
+            ImplicitALS().fit(clustered())
+        pytest.skip("implicit is not installed (optional extra measured-repro[ranking])")
+    data = clustered()
+    train, test = per_user_split(data, 0.3, seed=0)
+    als = ImplicitALS(factors=8, regularization=0.1, iterations=10, min_rating=4.0, seed=0).fit(train)
+    pop = evaluate(MostPopular().fit(train), train, test, k=5).recall
+    assert evaluate(als, train, test, k=5).recall > max(0.6, pop + 0.3)
+    a = ImplicitBPR(factors=8, iterations=5, seed=1).fit(train).recommend(np.unique(train.users)[:5], k=3)[1]
+    b = ImplicitBPR(factors=8, iterations=5, seed=1).fit(train).recommend(np.unique(train.users)[:5], k=3)[1]
+    assert np.array_equal(a, b)  # seeded
+    with pytest.raises(ValueError, match="alpha"):
+        ImplicitALS(alpha=0.0)
