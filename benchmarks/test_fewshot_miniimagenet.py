@@ -52,7 +52,7 @@ def paired_gap(a: list[float], b: list[float]) -> tuple[float, float]:
 
 
 def _markdown(res: dict, command: str, env: dict) -> str:
-    pre, best = res["pretrain"], res["best_variant"]
+    pre = res["pretrain"]
     pc = res["config"]["pretrain"]
     lines = [
         "# mini-ImageNet: ProtoNet vs CCD on one pre-trained Conv-4 (measured)", "",
@@ -76,14 +76,17 @@ def _markdown(res: dict, command: str, env: dict) -> str:
         f"both models.  ProtoNet is the pre-trained backbone's prototypes (nothing trained on episodes).  ",
         f"Machine: {env['processor']}, {env['cpu_count']} CPUs, {env['torch_threads']} torch thread(s), "
         f"torch {env['torch']}.", "",
-        "## CCD design search (val, 5-way 1-shot, selection episodes)", "",
-        "| variant | val acc % | training s | learned scale alpha |", "| --- | --- | --- | --- |",
-        f"| ProtoNet (no module) | {_fmt(res['search_protonet'])} | | |",
     ]
-    for name, r in res["search"].items():
-        alpha = "" if r["alpha"] is None else f"{r['alpha']:.3f}"
-        lines.append(f"| {name} | {_fmt(r)} | {r['train_s']:.0f} | {alpha} |")
-    lines += ["", f"Chosen: `{best['name']}` ({json.dumps({k: v for k, v in best.items() if k != 'name'})}).", ""]
+    for setting, rows in res["search"].items():
+        best = res["best_variant"][setting]
+        lines += [f"## CCD design search (val, {setting}, selection episodes)", "",
+                  "| variant | val acc % | training s | learned scale alpha |", "| --- | --- | --- | --- |",
+                  f"| ProtoNet (no module) | {_fmt(res['search_protonet'][setting])} | | |"]
+        for name, r in rows.items():
+            alpha = "" if r["alpha"] is None else f"{r['alpha']:.3f}"
+            lines.append(f"| {name} | {_fmt(r)} | {r['train_s']:.0f} | {alpha} |")
+        lines += ["", f"Chosen for {setting}: `{best['name']}` "
+                  f"({json.dumps({k: v for k, v in best.items() if k != 'name'})}).", ""]
     for split, table in res["accuracy"].items():
         lines += [f"## {split} classes, {res['config']['eval_episodes']} episodes per setting", "",
                   "| setting | ProtoNet | CCD | CCD - ProtoNet, paired 95% CI | sum of the two CIs | "
@@ -101,8 +104,9 @@ def _markdown(res: dict, command: str, env: dict) -> str:
         t = res["timing"]
         ratio = t["ccd"]["median_ms"] / t["protonet"]["median_ms"]
         lines += ["## End-to-end training step (5-way 1-shot, 15 queries: 80 images; forward, backward, Adam)", "",
-                  f"Interleaved in one process, {t['protonet']['steps']} steps each after one warm-up step, the "
-                  "pre-trained backbone, the chosen CCD variant.", "",
+                  f"Interleaved in one process (the order alternating), {t['protonet']['steps']} steps each after "
+                  f"one warm-up step, the pre-trained backbone, the CCD variant chosen for "
+                  f"{next(iter(res['best_variant']))}.", "",
                   "| model | median step ms | mean step ms |", "| --- | --- | --- |",
                   f"| ProtoNet | {t['protonet']['median_ms']:.0f} | {t['protonet']['mean_ms']:.0f} |",
                   f"| CCD | {t['ccd']['median_ms']:.0f} | {t['ccd']['mean_ms']:.0f} |", "",

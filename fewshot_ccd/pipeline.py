@@ -93,7 +93,7 @@ class PipelineConfig:
     pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(
         epochs=2, batch_size=64, lr=0.05, warmup_steps=100, val_every=300, val_per_class=100,
         val_episodes=500, checkpoint_every=50))
-    variants: tuple[Variant, ...] = DEFAULT_VARIANTS  # searched on val (1-shot), best one kept
+    variants: tuple[Variant, ...] = DEFAULT_VARIANTS  # searched on val for each setting, best one kept
     feature_train_per_class: int | None = 200  # train-class images embedded per class (None: all)
     train_steps: int = 400  # frozen-feature training episodes per variant and setting
     train_query: int = 15  # queries per class in training episodes
@@ -159,7 +159,8 @@ def _stage(path: Path, key: dict, compute) -> dict:
 def time_steps(models: dict[str, FewShotClassifier], dataset, *, n_way: int = 5, n_shot: int = 1,
                n_query: int = 15, steps: int = 20, seed: int = 0, lr: float = 1e-3) -> dict:
     """End-to-end training steps (forward, backward, Adam) of each model on the same episodes,
-    interleaved model by model within each step so that all see the same machine load; returns
+    interleaved model by model within each step (the order alternating) so that all see the same machine
+    load; returns
     ``{name: {"median_ms", "mean_ms"}}`` (the first step of each, warm-up, is not counted)."""
     sampler = EpisodeSampler(dataset.labels, n_way=n_way, n_shot=n_shot, n_query=n_query, episodes=steps + 1,
                              seed=seed)
@@ -167,7 +168,9 @@ def time_steps(models: dict[str, FewShotClassifier], dataset, *, n_way: int = 5,
     times: dict[str, list[float]] = {m: [] for m in models}
     for i, idx in enumerate(sampler):
         support, s_labels, query, q_labels = split_episode(dataset.load_batch(idx), n_way, n_shot, n_query)
-        for m, model in models.items():
+        names = list(models) if i % 2 == 0 else list(models)[::-1]  # alternate who goes first
+        for m in names:
+            model = models[m]
             model.train()
             t = time.perf_counter()
             loss, _ = model.episode_loss(support, s_labels, query, q_labels)
@@ -228,48 +231,53 @@ def run_pipeline(root: str | os.PathLike, workdir: str | os.PathLike, config: Pi
     base_key = {"backbone_step": meta["step"], "fingerprint": meta["fingerprint"], "train_steps": config.train_steps,
                 "train_query": config.train_query, "lr": config.lr, "seed": config.seed,
                 "train_rows": len(labels["train"]), "image_size": config.image_size}
-    way, shot = config.settings[0]
-    search = {}
-    for v in config.variants:  # the design search: one training per variant, on val selection episodes
-        def run_search(v=v) -> dict:
-            t = time.perf_counter()
-            model = train_variant(v, shot)
-            r = score(model, "val", way, shot, config.select_episodes, config.select_seed)
-            return {"mean": r["mean"], "ci95": r["ci95"], "train_s": time.perf_counter() - t,
-                    "alpha": model.dependency.alpha.item() if hasattr(model.dependency, "alpha") else None}
-        search[v.name] = _stage(workdir / "search" / f"{v.name}_{way}w{shot}s.json",
-                                base_key | {"variant": asdict(v), "select": [config.select_episodes,
-                                                                              config.select_seed]}, run_search)
     protonet = on_features(ProtoNet(nn.Identity()))
-    search_protonet = score(protonet, "val", way, shot, config.select_episodes, config.select_seed)
-    best = max(config.variants, key=lambda v: search[v.name]["mean"])
+    search: dict = {}
+    search_protonet: dict = {}
+    best: dict[str, Variant] = {}
+    for way, shot in config.settings:  # the design search, per setting: one training per variant
+        setting = f"{way}way{shot}shot"
+        search[setting] = {}
+        for v in config.variants:
+            def run_search(v=v, way=way, shot=shot) -> dict:
+                t = time.perf_counter()
+                model = train_variant(v, shot)
+                r = score(model, "val", way, shot, config.select_episodes, config.select_seed)
+                return {"mean": r["mean"], "ci95": r["ci95"], "train_s": time.perf_counter() - t,
+                        "alpha": model.dependency.alpha.item() if hasattr(model.dependency, "alpha") else None}
+            search[setting][v.name] = _stage(
+                workdir / "search" / f"{v.name}_{way}w{shot}s.json",
+                base_key | {"variant": asdict(v), "select": [config.select_episodes, config.select_seed]}, run_search)
+        r = score(protonet, "val", way, shot, config.select_episodes, config.select_seed)
+        search_protonet[setting] = {"mean": r["mean"], "ci95": r["ci95"]}
+        best[setting] = max(config.variants, key=lambda v, s=setting: search[s][v.name]["mean"])
 
     accuracy: dict = {}
-    trained: dict[int, CCDNet] = {}  # the chosen variant, trained once per shot
+    trained: dict[str, CCDNet] = {}  # the chosen variant of each setting, trained once
     for split in feats:
         if split == "train":
             continue
         for n_way, n_shot in config.settings:
             name = f"{n_way}way{n_shot}shot"
 
-            def run_eval(n_way=n_way, n_shot=n_shot, split=split) -> dict:
-                if n_shot not in trained:
-                    trained[n_shot] = train_variant(best, n_shot)
-                model = trained[n_shot]
+            def run_eval(n_way=n_way, n_shot=n_shot, split=split, name=name) -> dict:
+                if name not in trained:
+                    trained[name] = train_variant(best[name], n_shot)
                 return {"protonet": score(protonet, split, n_way, n_shot, config.eval_episodes, config.eval_seed),
-                        "ccd": score(model, split, n_way, n_shot, config.eval_episodes, config.eval_seed)}
+                        "ccd": score(trained[name], split, n_way, n_shot, config.eval_episodes, config.eval_seed)}
             accuracy.setdefault(split, {})[name] = _stage(
                 workdir / "eval" / f"{split}_{name}.json",
-                base_key | {"variant": asdict(best), "eval": [config.eval_episodes, config.eval_seed,
-                                                             config.eval_query]}, run_eval)
+                base_key | {"variant": asdict(best[name]), "eval": [config.eval_episodes, config.eval_seed,
+                                                                   config.eval_query]}, run_eval)
 
+    first = best[f"{config.settings[0][0]}way{config.settings[0][1]}shot"]
     timing = None
     if config.timing_steps:
         def run_timing() -> dict:
             models = {"protonet": ProtoNet(copy.deepcopy(backbone)),
-                      "ccd": build_variant(best, dim, seed=config.seed, backbone=copy.deepcopy(backbone))}
+                      "ccd": build_variant(first, dim, seed=config.seed, backbone=copy.deepcopy(backbone))}
             return time_steps(models, train_set, steps=config.timing_steps, seed=config.seed)
-        timing = _stage(workdir / "timing.json", base_key | {"variant": asdict(best), "steps": config.timing_steps},
+        timing = _stage(workdir / "timing.json", base_key | {"variant": asdict(first), "steps": config.timing_steps},
                         run_timing)
     results = {
         "config": asdict(config), "pretrain": {
@@ -278,8 +286,8 @@ def run_pipeline(root: str | os.PathLike, workdir: str | os.PathLike, config: Pi
             "train_seconds_all_calls": pre.train_seconds,
             "loss_curve": pre.losses[:: max(1, len(pre.losses) // 100)],
             "train_acc_last_100": sum(pre.accuracies[-100:]) / max(1, len(pre.accuracies[-100:]))},
-        "feature_dim": dim, "search": search, "search_protonet": {k: search_protonet[k] for k in ("mean", "ci95")},
-        "best_variant": asdict(best), "accuracy": accuracy, "timing": timing,
+        "feature_dim": dim, "search": search, "search_protonet": search_protonet,
+        "best_variant": {k: asdict(v) for k, v in best.items()}, "accuracy": accuracy, "timing": timing,
         "seconds_this_call": time.perf_counter() - t_all,
     }
     _write_json(workdir / "results.json", results)
