@@ -60,7 +60,7 @@ def _budget(budget: str) -> dict:
 def _interleaved_step_ms(b: dict, data_root: Path) -> dict:
     """Median training-step time of both models, alternating on the same episodes in this process."""
     from fewshot_ccd.data import EpisodeCollate, EpisodeSampler, OmniglotDataset
-    from fewshot_ccd.experiment import build_model
+    from fewshot_ccd.models import build_model
 
     torch.set_num_threads(b["threads"])
     data = OmniglotDataset(data_root, split="background", rotations=True, max_classes=b["max_classes"])

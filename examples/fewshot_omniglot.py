@@ -15,7 +15,7 @@ import argparse
 import torch
 
 from fewshot_ccd import OmniglotDataset, TrainConfig, evaluate, evaluate_lake_runs, load_lake_runs, meta_train
-from fewshot_ccd.experiment import build_model
+from fewshot_ccd.models import build_model
 
 
 def main() -> None:

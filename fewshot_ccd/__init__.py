@@ -19,8 +19,11 @@ from .data import (
 )
 from .dependency import ClassDependencyModule, DependencyConfig
 from .evaluate import EvalResult, LakeResult, embed_dataset, evaluate, evaluate_lake_runs, mean_ci95
+from .features import meta_train_features
 from .methods import CCDNet, FewShotClassifier, ProtoNet
-from .train import PretrainConfig, TrainConfig, TrainResult, meta_train, pretrain_backbone
+from .models import build_backbone, build_model
+from .pretrain import PretrainConfig, PretrainResult, load_pretrained, pretrain
+from .train import TrainConfig, TrainResult, meta_train
 
 __all__ = [
     "ClassDependencyModule", "DependencyConfig",
@@ -28,6 +31,7 @@ __all__ = [
     "Conv4", "ResNet12", "FeatureExtractor", "feature_dim",
     "EpisodeSampler", "EpisodeCollate", "OmniglotDataset", "load_lake_runs",
     "ImageFolderDataset", "MiniImageNet", "CIFARFS",
-    "TrainConfig", "TrainResult", "meta_train", "PretrainConfig", "pretrain_backbone",
+    "TrainConfig", "TrainResult", "meta_train", "meta_train_features",
+    "PretrainConfig", "PretrainResult", "pretrain", "load_pretrained", "build_backbone", "build_model",
     "EvalResult", "LakeResult", "embed_dataset", "evaluate", "evaluate_lake_runs", "mean_ci95",
 ]

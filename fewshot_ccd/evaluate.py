@@ -10,10 +10,11 @@ import torch
 from torch import nn
 
 from .data.omniglot import LakeRun
-from .data.sampler import EpisodeSampler, episode_labels
+from .data.sampler import EpisodeSampler, split_episode
 from .methods.base import FewShotClassifier
 
-__all__ = ["EvalResult", "LakeResult", "mean_ci95", "embed_dataset", "evaluate", "evaluate_lake_runs"]
+__all__ = ["EvalResult", "LakeResult", "mean_ci95", "embed_dataset", "evaluate", "evaluate_features",
+           "evaluate_lake_runs"]
 
 
 def mean_ci95(values: list[float] | torch.Tensor) -> tuple[float, float]:
@@ -81,25 +82,44 @@ def evaluate(
     :func:`embed_dataset` to share them between settings) and episodes are scored on features;
     this gives the same logits as ``model(support, labels, query)`` per episode, much faster.
     """
-    from tqdm.auto import tqdm
-
-    sampler = EpisodeSampler(dataset.labels, n_way=n_way, n_shot=n_shot, n_query=n_query,
-                             episodes=episodes, seed=seed)
     if features is None:
         features = embed_dataset(model, dataset, num_workers=num_workers)  # (M, D)
     if len(features) != len(dataset):
         raise ValueError(f"features has {len(features)} rows but the dataset has {len(dataset)} items")
-    per = n_shot + n_query
-    s_labels = episode_labels(n_way, n_shot).to(features.device)  # (N*K,)
-    q_labels = episode_labels(n_way, n_query).to(features.device)  # (N*Kq,)
+    return evaluate_features(model, features, dataset.labels, n_way=n_way, n_shot=n_shot, n_query=n_query,
+                             episodes=episodes, seed=seed, progress=progress)
+
+
+@torch.no_grad()
+def evaluate_features(
+    model: FewShotClassifier,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    n_way: int,
+    n_shot: int,
+    n_query: int = 15,
+    episodes: int = 1000,
+    seed: int = 0,
+    progress: bool = False,
+) -> EvalResult:
+    """:func:`evaluate` on precomputed features ``(M, D)`` with their class labels ``(M,)``: the episodes
+    depend only on (labels, n_way, n_shot, n_query, episodes, seed)."""
+    from tqdm.auto import tqdm
+
+    if features.dim() != 2 or len(features) != len(labels):
+        raise ValueError(f"features must be (M, D) with one label each, got {tuple(features.shape)} and "
+                         f"{len(labels)} labels")
+    if not torch.isfinite(features).all():
+        raise ValueError("features contain NaN or infinite values")
+    sampler = EpisodeSampler(labels, n_way=n_way, n_shot=n_shot, n_query=n_query, episodes=episodes, seed=seed)
     was_training = model.training
     model.eval()
     accs = []
     try:
         for indices in tqdm(sampler, disable=not progress, desc=f"eval {n_way}w{n_shot}s"):
-            feats = features[torch.tensor(indices, device=features.device)].view(n_way, per, -1)  # (N, K+Kq, D)
-            support = feats[:, :n_shot].flatten(0, 1)  # (N*K, D)
-            query = feats[:, n_shot:].flatten(0, 1)  # (N*Kq, D)
+            feats = features[torch.tensor(indices, device=features.device)]  # (N*(K+Kq), D)
+            support, s_labels, query, q_labels = split_episode(feats, n_way, n_shot, n_query)
             logits = model.logits_from_features(support, s_labels, query)  # (N*Kq, N)
             accs.append(100.0 * (logits.argmax(-1) == q_labels).float().mean().item())
     finally:

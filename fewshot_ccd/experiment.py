@@ -8,7 +8,9 @@ Used by ``examples/fewshot_omniglot.py`` and the benchmarks; also a command line
 Omniglot: trained on the background alphabets with rotations; evaluated on 5-way / 20-way x 1-shot /
 5-shot episodes of the evaluation alphabets (seeded, the same for every method) and on Lake et al.'s
 20 within-alphabet one-shot runs.  mini-ImageNet (84x84, Ravi & Larochelle's split): trained on the
-64 train classes; evaluated on 5-way 1-shot and 5-shot episodes of the 20 test classes.
+64 train classes; evaluated on 5-way 1-shot and 5-shot episodes of the 20 test classes (of the 16 val
+classes when the folder has no ``test.csv``).  The staged mini-ImageNet run (pre-training, frozen
+features, CCD design search) is :mod:`fewshot_ccd.pipeline`.
 """
 
 from __future__ import annotations
@@ -23,56 +25,20 @@ from pathlib import Path
 
 import torch
 
-from .backbones import Conv4, ResNet12, feature_dim
 from .data.folders import MiniImageNet
 from .data.omniglot import OmniglotDataset, load_lake_runs
 from .data.paths import dataset_dir
-from .dependency import ClassDependencyModule
 from .evaluate import embed_dataset, evaluate, evaluate_lake_runs
-from .methods import CCDNet, FewShotClassifier, ProtoNet
 from .methods.base import DISTANCES
+from .models import METHODS, build_model
 from .train import TrainConfig, meta_train
 
 __all__ = ["METHODS", "DATASETS", "build_model", "ExperimentConfig", "run_experiment", "run_omniglot",
-           "run_miniimagenet", "EVAL_SETTINGS", "MINI_EVAL_SETTINGS"]
+           "run_miniimagenet", "miniimagenet_root", "miniimagenet_eval_split", "EVAL_SETTINGS", "MINI_EVAL_SETTINGS"]
 
-METHODS = ("protonet", "ccd", "ccd_qkv")
 DATASETS = ("omniglot", "miniimagenet")
 EVAL_SETTINGS = ((5, 1), (5, 5), (20, 1), (20, 5))  # (n_way, n_shot), Omniglot
 MINI_EVAL_SETTINGS = ((5, 1), (5, 5))  # mini-ImageNet
-
-
-def build_model(
-    method: str,
-    *,
-    backbone: str = "conv4",
-    in_channels: int = 1,
-    image_size: int = 28,
-    seed: int = 0,
-    num_heads: int = 8,
-    contrastive_weight: float = 0.0,
-    scale_init: float = 1e-2,
-    distance: str = "euclidean",
-) -> FewShotClassifier:
-    """ProtoNet or CCD with a Conv-4 (64-d on 28x28, 1600-d on 84x84) or ResNet-12 (640-d) backbone.
-
-    The weights are drawn from ``seed`` inside a forked RNG (the global RNG is left untouched), and
-    the backbone weights are the same for every method at the same seed.
-    """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if backbone not in ("conv4", "resnet12"):
-        raise ValueError(f"backbone must be 'conv4' or 'resnet12', got {backbone!r}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = Conv4(in_channels) if backbone == "conv4" else ResNet12(in_channels)
-        dim = feature_dim(net, (in_channels, image_size, image_size))  # the dependency module's width
-        torch.manual_seed(seed + 1)
-        if method == "protonet":
-            return ProtoNet(net, distance=distance)
-        module = ClassDependencyModule.blog_qkv(dim) if method == "ccd_qkv" else ClassDependencyModule(
-            dim, num_heads=num_heads, scale_init=scale_init)
-        return CCDNet(net, module, distance=distance, contrastive_weight=contrastive_weight)
 
 
 @dataclass
@@ -100,7 +66,8 @@ class ExperimentConfig:
     root: str | None = None  # data root (None: env vars, then ../shared/data)
     max_classes: int | None = None  # Omniglot: use only the first characters of each set (smoke runs)
     threads: int | None = None  # torch.set_num_threads (None: leave)
-    num_workers: int = 0  # DataLoader workers (mini-ImageNet decodes JPEG/PNG files per episode)
+    num_workers: int = 0  # DataLoader workers (mini-ImageNet without cache decodes JPEG/PNG files per episode)
+    cache: bool = True  # mini-ImageNet: decode once into the uint8 memory-mapped cache (fewshot_ccd.data.cache)
     progress: bool = True  # tqdm bars
 
     def __post_init__(self) -> None:
@@ -132,20 +99,30 @@ def run_omniglot(cfg: ExperimentConfig) -> dict:
 
 
 def miniimagenet_root(root: str | os.PathLike | None = None) -> Path:
-    """The folder holding mini-ImageNet's ``{train,val,test}.csv`` (at its top or in ``split/``)."""
-    return dataset_dir("mini-imagenet", root, marker=("test.csv", "split/test.csv"))
+    """The folder holding mini-ImageNet's ``{train,val[,test]}.csv`` (at its top or in ``split/``)."""
+    return dataset_dir("mini-imagenet", root, marker=("train.csv", "split/train.csv"))
+
+
+def miniimagenet_eval_split(root: str | os.PathLike) -> str:
+    """``"test"`` when the folder has ``test.csv``, else ``"val"`` (the test classes are not everywhere)."""
+    root = Path(root)
+    return "test" if (root / "test.csv").exists() or (root / "split" / "test.csv").exists() else "val"
 
 
 def run_miniimagenet(cfg: ExperimentConfig) -> dict:
-    """Trains on the 64 train classes; evaluates 5-way 1-shot and 5-shot on the 20 test classes."""
+    """Trains on the 64 train classes; evaluates 5-way 1-shot and 5-shot on the 20 test classes (on the
+    16 val classes when the folder has no ``test.csv``; the split is in the result's ``eval_split``)."""
     _check_dataset(cfg, "miniimagenet")
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
     root = miniimagenet_root(cfg.root)
-    train_set, test_set = MiniImageNet(root, split="train"), MiniImageNet(root, split="test")
-    return _train_and_evaluate(cfg, train_set, test_set, MINI_EVAL_SETTINGS, time.perf_counter() - t0,
-                               in_channels=3, image_size=84)
+    split = miniimagenet_eval_split(root)
+    train_set = MiniImageNet(root, split="train", cache=cfg.cache, progress=cfg.progress)
+    test_set = MiniImageNet(root, split=split, cache=cfg.cache, progress=cfg.progress)
+    result = _train_and_evaluate(cfg, train_set, test_set, MINI_EVAL_SETTINGS, time.perf_counter() - t0,
+                                 in_channels=3, image_size=84)
+    return result | {"eval_split": split}
 
 
 def _check_dataset(cfg: ExperimentConfig, expected: str) -> None:
@@ -214,10 +191,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--distance", choices=DISTANCES, default=defaults.distance)
     parser.add_argument("--root", default=None, help="data root holding omniglot/ or mini-imagenet/")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-cache", action="store_true", help="mini-ImageNet: decode the images per episode")
     parser.add_argument("--out", default=None, help="write the result as JSON here")
     args = parser.parse_args(argv)
-    cfg = ExperimentConfig(**{k: v for k, v in vars(args).items() if k not in ("out", "no_progress")},
-                           progress=not args.no_progress)
+    cfg = ExperimentConfig(**{k: v for k, v in vars(args).items() if k not in ("out", "no_progress", "no_cache")},
+                           progress=not args.no_progress, cache=not args.no_cache)
     result = run_experiment(cfg)
     text = json.dumps(result, indent=2)
     if args.out:

@@ -1,4 +1,4 @@
-"""Episodic meta-training with accelerate, atomic checkpoints and resume; optional pre-training.
+"""Episodic meta-training with accelerate, atomic checkpoints and resume (pre-training: :mod:`.pretrain`).
 
 ``accelerate launch your_script.py`` gives multi-GPU data parallelism with no code change: each
 process draws different episodes (round-robin over the seeded episode list) and gradients are
@@ -16,14 +16,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .data.sampler import EpisodeCollate, EpisodeSampler
 from .methods.base import FewShotClassifier
 
-__all__ = ["TrainConfig", "TrainResult", "meta_train", "PretrainConfig", "pretrain_backbone",
-           "save_checkpoint", "load_checkpoint", "peak_memory_mb"]
+__all__ = ["TrainConfig", "TrainResult", "meta_train", "save_checkpoint", "load_checkpoint", "peak_memory_mb"]
 
 CHECKPOINT_NAME = "last.pt"
 
@@ -211,54 +209,3 @@ def meta_train(
     result.peak_memory_mb, result.memory_kind = peak_memory_mb(device)
     accelerator.wait_for_everyone()
     return result
-
-
-@dataclass
-class PretrainConfig:
-    """Backbone pre-training on the base classes with a linear head (FEAT's recipe, simplified)."""
-
-    epochs: int = 10  # passes over the data set
-    batch_size: int = 128  # images per step
-    lr: float = 1e-3  # Adam learning rate
-    weight_decay: float = 5e-4  # Adam weight decay
-    seed: int = 0  # seed of the shuffling
-    progress: bool = True  # tqdm bar
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
-
-
-def pretrain_backbone(
-    backbone: nn.Module,
-    dataset: torch.utils.data.Dataset,
-    *,
-    feature_dim: int,
-    num_classes: int,
-    config: PretrainConfig,
-    accelerator=None,
-) -> list[float]:
-    """Trains ``backbone`` (in place) with a linear classifier over all base classes; returns the
-    mean loss of each epoch.  The head is thrown away afterwards."""
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
-
-    accelerator = accelerator or Accelerator()
-    head = nn.Linear(feature_dim, num_classes)
-    net = nn.Sequential(backbone, nn.Flatten(1), head)
-    optimizer = torch.optim.Adam(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True,
-                                         generator=torch.Generator().manual_seed(config.seed))
-    net, optimizer, loader = accelerator.prepare(net, optimizer, loader)
-    net.train()
-    history = []
-    for epoch in range(config.epochs):
-        total, count = 0.0, 0
-        for images, labels in tqdm(loader, disable=not config.progress, desc=f"pretrain {epoch + 1}/{config.epochs}"):
-            loss = F.cross_entropy(net(images), labels)
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            total, count = total + loss.item(), count + 1
-        history.append(total / max(count, 1))
-    return history

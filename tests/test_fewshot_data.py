@@ -233,13 +233,16 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
 
 
 def test_experiment_finds_mini_imagenet_and_rejects_bad_config(tmp_path):
-    from fewshot_ccd.experiment import ExperimentConfig, miniimagenet_root
+    from fewshot_ccd.experiment import ExperimentConfig, miniimagenet_eval_split, miniimagenet_root
 
-    with pytest.raises(FileNotFoundError, match="'test.csv' or 'split/test.csv'"):
+    with pytest.raises(FileNotFoundError, match="'train.csv' or 'split/train.csv'"):
         miniimagenet_root(tmp_path)
     (tmp_path / "mini-imagenet" / "split").mkdir(parents=True)
-    (tmp_path / "mini-imagenet" / "split" / "test.csv").write_text("filename,label\n")
+    (tmp_path / "mini-imagenet" / "split" / "train.csv").write_text("filename,label\n")
     assert miniimagenet_root(tmp_path) == tmp_path / "mini-imagenet"
+    assert miniimagenet_eval_split(tmp_path / "mini-imagenet") == "val"  # no test classes here
+    (tmp_path / "mini-imagenet" / "split" / "test.csv").write_text("filename,label\n")
+    assert miniimagenet_eval_split(tmp_path / "mini-imagenet") == "test"
     with pytest.raises(ValueError, match="dataset"):
         ExperimentConfig(dataset="cifar")
     with pytest.raises(ValueError, match="max_classes"):

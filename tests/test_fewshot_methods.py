@@ -154,7 +154,7 @@ def test_feat_contrastive_regulariser_adds_a_trainable_term():
 
 
 def test_build_model_shares_the_backbone_init_across_methods():
-    from fewshot_ccd.experiment import build_model
+    from fewshot_ccd.models import build_model
 
     torch.manual_seed(5)
     before = torch.rand(3)

@@ -12,14 +12,12 @@ from fewshot_ccd import (
     CCDNet,
     ClassDependencyModule,
     Conv4,
-    PretrainConfig,
     ProtoNet,
     TrainConfig,
     evaluate,
     evaluate_lake_runs,
     mean_ci95,
     meta_train,
-    pretrain_backbone,
 )
 from fewshot_ccd.data import LakeRun
 from fewshot_ccd.evaluate import embed_dataset
@@ -131,15 +129,6 @@ def test_lake_protocol_on_a_trivial_run():
     torch.manual_seed(0)
     res = evaluate_lake_runs(ProtoNet(Conv4(1, hidden=8)), [run])
     assert res.error == 0.0 and res.per_run == [0.0]
-
-
-def test_pretrain_backbone_reduces_the_loss():
-    data = Synthetic(6, 8, seed=2, noise=0.3)
-    torch.manual_seed(0)
-    backbone = Conv4(1, hidden=8)
-    losses = pretrain_backbone(backbone, data, feature_dim=8, num_classes=6,
-                               config=PretrainConfig(epochs=4, batch_size=16, lr=1e-2, progress=False))
-    assert len(losses) == 4 and losses[-1] < losses[0]
 
 
 @pytest.mark.slow

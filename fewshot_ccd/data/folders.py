@@ -18,7 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cache import build_image_cache
+
 __all__ = ["ImageFolderDataset", "MiniImageNet", "CIFARFS", "load_image"]
+
+CacheArg = bool | str | os.PathLike | None  # False/None: decode per item; True: default cache dir; a folder
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 _SPLITS = ("train", "val", "test")
@@ -46,8 +50,13 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         image_size: resize to ``image_size x image_size`` (None keeps the size).
         channels: 3 (RGB) or 1 (grayscale).
         transform: optional callable applied to the image tensor.
+        cache: decode every image once into a memory-mapped uint8 cache (see
+            :mod:`fewshot_ccd.data.cache`): True uses the default cache folder, a path that folder;
+            False / None decodes the file on every access.  Needs ``image_size``.
+        progress: tqdm bar while building the cache.
 
-    Attributes: ``labels`` ``(len,)``, ``class_names``, ``num_classes``, ``paths``.
+    Attributes: ``labels`` ``(len,)``, ``class_names``, ``num_classes``, ``paths``, ``images`` (the
+    cached uint8 array ``(len, H, W, C)``, or None without a cache).
     """
 
     def __init__(
@@ -59,6 +68,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         image_size: int | None = None,
         channels: int = 3,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        cache: CacheArg = None,
+        progress: bool = True,
     ) -> None:
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
@@ -86,12 +97,32 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.class_names = classes
         self.num_classes = len(classes)
         self.image_size, self.channels, self.transform = image_size, channels, transform
+        self.images = None
+        if cache:
+            if image_size is None:
+                raise ValueError("cache=... needs a fixed image_size (the cache holds one array)")
+            self.images = build_image_cache(self.paths, image_size=image_size, channels=channels,
+                                            directory=None if cache is True else cache, progress=progress)
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def load_batch(self, indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Images ``(B, C, H, W)`` float in [0, 1] of ``indices`` (no ``transform``); one array read
+        when cached."""
+        idx = torch.as_tensor(indices, dtype=torch.long).flatten()
+        if self.images is None:
+            return torch.stack([load_image(self.paths[i], image_size=self.image_size, channels=self.channels)
+                                for i in idx.tolist()])
+        arr = self.images[np.sort(idx.numpy())] if len(idx) else self.images[:0]
+        order = torch.argsort(torch.argsort(idx))  # memmaps read fastest in file order; restore the order
+        return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float().div_(255.0)[order]
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = load_image(self.paths[index], image_size=self.image_size, channels=self.channels)
+        if self.images is not None:
+            image = torch.from_numpy(np.array(self.images[index])).permute(2, 0, 1).float().div_(255.0)
+        else:
+            image = load_image(self.paths[index], image_size=self.image_size, channels=self.channels)
         if self.transform is not None:
             image = self.transform(image)
         return image, int(self.labels[index])
@@ -111,6 +142,7 @@ class MiniImageNet(ImageFolderDataset):
         split: ``"train"``, ``"val"`` or ``"test"``.
         image_size: 84 by default.
         transform: optional callable on the image tensor.
+        cache, progress: decode-once uint8 cache, as in :class:`ImageFolderDataset`.
     """
 
     def __init__(
@@ -120,6 +152,8 @@ class MiniImageNet(ImageFolderDataset):
         split: str = "train",
         image_size: int | None = 84,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        cache: CacheArg = None,
+        progress: bool = True,
     ) -> None:
         _check_split(split)
         root = Path(root)
@@ -141,7 +175,8 @@ class MiniImageNet(ImageFolderDataset):
                 raise FileNotFoundError(f"{csv_path}: image {filename!r} of class {label!r} not found under {root}")
             samples.append((path, label))
         classes = list(dict.fromkeys(label for _, label in samples))
-        super().__init__(samples=samples, classes=classes, image_size=image_size, transform=transform)
+        super().__init__(samples=samples, classes=classes, image_size=image_size, transform=transform,
+                         cache=cache, progress=progress)
 
 
 class CIFARFS(ImageFolderDataset):
@@ -152,6 +187,7 @@ class CIFARFS(ImageFolderDataset):
         split: ``"train"``, ``"val"`` or ``"test"``.
         image_size: None keeps 32x32.
         transform: optional callable on the image tensor.
+        cache, progress: decode-once uint8 cache, as in :class:`ImageFolderDataset`.
     """
 
     def __init__(
@@ -161,6 +197,8 @@ class CIFARFS(ImageFolderDataset):
         split: str = "train",
         image_size: int | None = None,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        cache: CacheArg = None,
+        progress: bool = True,
     ) -> None:
         _check_split(split)
         root = Path(root)
@@ -176,4 +214,5 @@ class CIFARFS(ImageFolderDataset):
             if not folder.is_dir():
                 raise FileNotFoundError(f"CIFAR-FS class folder {folder} (listed in {lst}) is missing")
             samples += [(p, c) for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS]
-        super().__init__(samples=samples, classes=classes, image_size=image_size, transform=transform)
+        super().__init__(samples=samples, classes=classes, image_size=image_size, transform=transform,
+                         cache=cache, progress=progress)

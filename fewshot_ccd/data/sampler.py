@@ -6,7 +6,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-__all__ = ["EpisodeSampler", "EpisodeCollate", "episode_labels"]
+__all__ = ["EpisodeSampler", "EpisodeCollate", "episode_labels", "split_episode"]
 
 _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: episode i gets seed (seed * _MIX + i) mod 2**63
 
@@ -93,15 +93,35 @@ class EpisodeSampler:
         return len(self.episode_ids())
 
 
-def episode_labels(n_way: int, per_class: int) -> torch.Tensor:
+def episode_labels(n_way: int, per_class: int, device: torch.device | str | None = None) -> torch.Tensor:
     """Episode labels of the sampler's class-major layout: ``(n_way * per_class,)``."""
-    return torch.arange(n_way).repeat_interleave(per_class)
+    return torch.arange(n_way, device=device).repeat_interleave(per_class)
+
+
+def split_episode(
+    items: torch.Tensor, n_way: int, n_shot: int, n_query: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The one place that knows the episode layout of :meth:`EpisodeSampler.episode` (class after
+    class, ``n_shot`` support then ``n_query`` query items each).
+
+    ``items (N * (K + Kq), ...)`` (images or features, in the sampler's order) ->
+    ``(support (N*K, ...), support_labels (N*K,), query (N*Kq, ...), query_labels (N*Kq,))``, labels
+    ``0..N-1`` in the order the sampler drew the classes.
+    """
+    per = n_shot + n_query
+    if len(items) != n_way * per:
+        raise ValueError(f"episode has {len(items)} items, expected n_way * (n_shot + n_query) = {n_way * per}")
+    grid = items.view(n_way, per, *items.shape[1:])  # (N, K + Kq, ...)
+    support = grid[:, :n_shot].flatten(0, 1)  # (N*K, ...)
+    query = grid[:, n_shot:].flatten(0, 1)  # (N*Kq, ...)
+    return (support, episode_labels(n_way, n_shot, items.device), query,
+            episode_labels(n_way, n_query, items.device))
 
 
 class EpisodeCollate:
     """``collate_fn`` turning a sampled episode of ``(image, label)`` items into
     ``(support (N*K, C, H, W), support_labels (N*K,), query (N*Kq, C, H, W), query_labels (N*Kq,))``
-    with labels ``0..N-1`` in the order the sampler drew the classes."""
+    (see :func:`split_episode`)."""
 
     def __init__(self, n_way: int, n_shot: int, n_query: int) -> None:
         self.n_way, self.n_shot, self.n_query = n_way, n_shot, n_query
@@ -111,8 +131,6 @@ class EpisodeCollate:
         if len(items) != self.n_way * per:
             raise ValueError(f"episode has {len(items)} items, expected n_way * (n_shot + n_query) = "
                              f"{self.n_way * per}")
-        images = torch.stack([item[0] for item in items]).view(self.n_way, per, *items[0][0].shape)
-        support = images[:, : self.n_shot].flatten(0, 1)  # (N*K, C, H, W)
-        query = images[:, self.n_shot:].flatten(0, 1)  # (N*Kq, C, H, W)
-        return (support, episode_labels(self.n_way, self.n_shot), query,
-                episode_labels(self.n_way, self.n_query))
+        return split_episode(torch.stack([item[0] for item in items]), self.n_way, self.n_shot, self.n_query)
+
+

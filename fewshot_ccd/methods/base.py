@@ -135,6 +135,16 @@ class FewShotClassifier(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy on the query set plus :meth:`auxiliary_loss`; returns ``(loss, logits)``."""
         support_feats, query_feats = self.embed_episode(support_images, query_images)
+        return self.features_loss(support_feats, support_labels, query_feats, query_labels)
+
+    def features_loss(
+        self,
+        support_feats: torch.Tensor,
+        support_labels: torch.Tensor,
+        query_feats: torch.Tensor,
+        query_labels: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`episode_loss` on embedded episodes ``(S, D), (S,), (Q, D), (Q,)`` (frozen-feature training)."""
         logits = self.logits_from_features(support_feats, support_labels, query_feats)  # (Q, N)
         loss = F.cross_entropy(logits, query_labels)
         aux = self.auxiliary_loss(support_feats, support_labels, query_feats, query_labels)

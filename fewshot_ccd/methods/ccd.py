@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..dependency import ClassDependencyModule
-from .base import FewShotClassifier
+from .base import FewShotClassifier, check_support_labels
 
 __all__ = ["CCDNet"]
 
@@ -71,7 +71,7 @@ class CCDNet(FewShotClassifier):
             return None
         feats = torch.cat([support_feats, query_feats])  # (S + Q, D)
         labels = torch.cat([support_labels, query_labels])  # (S + Q,)
-        n_way = int(support_labels.max()) + 1
+        n_way = check_support_labels(support_labels, len(support_feats))
         sets, mask = _group_by_class(feats, labels, n_way)  # (N, M, D), (N, M)
         adapted = self.dependency(sets, mask)  # (N, M, D)
         w = mask.unsqueeze(-1).to(adapted.dtype)  # (N, M, 1)
