@@ -138,6 +138,22 @@ def test_hand_written_loop_follows_num_steps(tiny_pipe, clip_tokenizer):
     assert rep.steps[2].kept_counts == [3]
 
 
+def test_a_hand_written_loop_after_a_pipeline_generation_follows_its_own_count(pipe, clip_tokenizer):
+    """The helper attached the pipeline; its state from the last generation must not take over the loop."""
+    proc = apply_token_pruning(pipe, top_k=1, warmup=0.4, padding="drop")
+    generate(pipe, steps=3)
+    ids = clip_tokenizer(["a red hat"] * 2, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    x, text = torch.zeros(2, 4, 8, 8), torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(0))
+    proc.begin_generation(5, token_ids=ids)
+    with torch.no_grad():
+        for t in (900, 700, 500, 300, 100):
+            pipe.unet(x, t, text)
+    assert proc.report.num_calls == 5 and [s.call for s in proc.report.steps] == [0, 1, 2, 3, 4]
+    assert [s.pruned for s in proc.report.steps] == [False, False, True, True, True]
+    generate(pipe, steps=3)  # and the next pipeline generation is followed again
+    assert proc.report.num_calls == len(proc.report.steps) == pipe._num_timesteps
+
+
 def test_each_row_is_scored_and_pruned_on_its_own(pipe):
     prompts = ["a red hat", "a blue car parked on a wet road at night"]
     proc = apply_token_pruning(pipe, top_k=2, padding="drop", warmup=0.2)

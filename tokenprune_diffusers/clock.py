@@ -81,6 +81,7 @@ class GenerationClock:
         self._now: CallInfo | None = None
         self._key: Any = None
         self._first_batch = 0
+        self._manual_over: Any = None  # the attached pipeline's timesteps when a hand-written loop began
         self._pending: tuple[int, torch.Tensor | None] | None = None
         self._listeners: list[Any] = []
         self._encoded: list[torch.Tensor] = []
@@ -133,7 +134,7 @@ class GenerationClock:
         """A denoiser call of ``batch`` rows starts: publish where it stands."""
         self._now = info = self._next(batch, latent_hw)
         for listener in list(self._listeners):
-            listener.on_call(info, args, kwargs or {})
+            listener.on_call(info, args, kwargs if kwargs is not None else {})
         return info
 
     def end_call(self) -> None:
@@ -158,6 +159,8 @@ class GenerationClock:
             (num, ids), self._pending = self._pending, None
             return self._begin(object(), num, 1, ids, batch, latent_hw, manual=True)
         run = self._running(batch)
+        if run is not None and now is not None and now.manual and run[0] is self._manual_over:
+            run = None  # the attached pipeline's state is that of a generation before the hand-written loop
         if run is not None:
             key, num, order, rows, hw = run
             if now is None or key is not self._key:
@@ -182,6 +185,9 @@ class GenerationClock:
 
     def _begin(self, key, num_calls, order, token_ids, batch, latent_hw, manual=False) -> CallInfo:
         self._key, self._first_batch = key, batch
+        if manual:  # a pipeline generation starts only when the pipeline's timesteps change again
+            scheduler = getattr(self.pipeline, "scheduler", None)
+            self._manual_over = getattr(scheduler, "timesteps", None)
         self._encoded = []
         return CallInfo(next(self._generations), 0, num_calls, order, batch, token_ids, self.tokenizer, latent_hw, manual)
 
