@@ -72,7 +72,7 @@ class GenerationClock:
     the denoiser's inputs) and ``on_call_end(info)`` (after it).
     """
 
-    def __init__(self, pipeline: Any = None, num_steps: int | None = None) -> None:
+    def __init__(self, num_steps: int | None = None) -> None:
         self.num_steps = num_steps  # fallback for hand-written loops
         self.hooked = False  # True when a denoiser hook announces every call
         self.tokenizer = None
@@ -88,8 +88,6 @@ class GenerationClock:
         self._layers: set[int] = set()
         self._generations = itertools.count(1)
         self._warned: set[str] = set()
-        if pipeline is not None:
-            self._attach_pipeline(pipeline)
 
     @property
     def now(self) -> CallInfo | None:

@@ -66,8 +66,7 @@ class TokenPruneProcessor(GenerationFollower):
             raise TypeError(f"give a config or its options, not both (got options {sorted(options)})")
         super().__init__(config if config is not None else TokenPruneConfig.from_options(**options))
         self.originals: dict[str, Any] | None = None  # processors this one replaced (apply_token_pruning)
-        self.clock = GenerationClock(num_steps=self.config.num_steps)  # replaced by the UNet's clock when applied
-        self.clock.subscribe(self)
+        self.clock = self._own_clock()  # replaced by the UNet's clock when applied
         self._stock = AttnProcessor2_0()
         self._classic = AttnProcessor()  # diffusers' choice for layers with scale_qk=False
         self._inner: weakref.WeakKeyDictionary[Attention, Any] = weakref.WeakKeyDictionary()
@@ -87,10 +86,16 @@ class TokenPruneProcessor(GenerationFollower):
         """Follow ``clock`` (a denoiser's), idle whenever ``probe`` no longer runs this processor;
         ``None``: back to a clock of its own."""
         self.clock.unsubscribe(self)
-        self.clock = clock if clock is not None else GenerationClock(num_steps=self.config.num_steps)
+        self.clock = clock if clock is not None else self._own_clock()
         self.clock.subscribe(self)
         self._probe = weakref.ref(probe) if probe is not None else None
         self._gen = None
+
+    def _own_clock(self) -> GenerationClock:
+        """A clock of its own, driven by this processor's cross-attention layers (installed by hand)."""
+        clock = GenerationClock(num_steps=self.config.num_steps)
+        clock.subscribe(self)
+        return clock
 
     def begin_generation(self, num_steps: int, token_ids: torch.Tensor | None = None) -> None:
         """Start a generation in a hand-written loop (see :meth:`GenerationClock.begin_generation`)."""
