@@ -13,6 +13,7 @@ validation carve of each training split (benchmarks/cmc_bench.py); the chosen va
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import numpy as np
@@ -75,15 +76,24 @@ def _command(budget: str) -> str:
     return COMMAND.format("--benchmark" if budget == "full" else "--benchmark-smoke")
 
 
+@pytest.fixture(scope="session")
+def cmc_data(request: pytest.FixtureRequest) -> Path:
+    """The data root: --data-root, else $CMC_REC_DATA (cmc_rec's own variable); neither skips."""
+    given = request.config.getoption("--data-root") or os.environ.get("CMC_REC_DATA")
+    if not given:
+        pytest.skip("no data root: pass --data-root or set $CMC_REC_DATA (e.g. to ../shared/data)")
+    return Path(given)
+
+
 def _require(path: Path, what: str) -> None:
     if not path.exists():
-        pytest.skip(f"{what} not found at {path} (set --data-root or $MEASURED_REPRO_DATA)")
+        pytest.skip(f"{what} not found at {path} (set --data-root or $CMC_REC_DATA)")
 
 
-def _split_run(split: str, budget: str, data_root: Path) -> dict:
+def _split_run(split: str, budget: str, cmc_data: Path) -> dict:
     if (split, budget) not in _CACHE:
         print(f"\nML-100K {split} ({budget})")
-        _CACHE[(split, budget)] = run_split(*load_movielens_100k_split(split, data_root / "ml-100k"), budget)
+        _CACHE[(split, budget)] = run_split(*load_movielens_100k_split(split, cmc_data / "ml-100k"), budget)
     else:
         print(f"\nML-100K {split}: reusing this session's run")
     return _CACHE[(split, budget)]
@@ -112,10 +122,10 @@ def _table(rows: dict) -> list[str]:
 
 
 @pytest.mark.benchmark
-def test_ml100k_u1(budget, data_root, results_dir):
-    _require(data_root / "ml-100k" / "u1.base", "MovieLens 100K")
-    train, _ = load_movielens_100k_split("u1", data_root / "ml-100k")
-    run = _split_run("u1", budget, data_root)
+def test_ml100k_u1(budget, cmc_data, results_dir):
+    _require(cmc_data / "ml-100k" / "u1.base", "MovieLens 100K")
+    train, _ = load_movielens_100k_split("u1", cmc_data / "ml-100k")
+    run = _split_run("u1", budget, cmc_data)
     rows = run["rows"]
     # the default temperature, re-chosen on u1.base's carve (ranking part alone: recommend() uses only it)
     base_cfg = CMCConfig(autoencoder=None) if budget == "full" else dataclasses.replace(
@@ -182,10 +192,10 @@ def _plot(results_dir: Path, budget: str, rows: dict) -> None:
 
 
 @pytest.mark.benchmark
-def test_ml100k_5fold(budget, data_root, results_dir):
-    _require(data_root / "ml-100k" / "u1.base", "MovieLens 100K")
+def test_ml100k_5fold(budget, cmc_data, results_dir):
+    _require(cmc_data / "ml-100k" / "u1.base", "MovieLens 100K")
     folds = ["u1", "u2", "u3", "u4", "u5"] if budget == "full" else ["u1", "u2"]
-    runs = {split: _split_run(split, budget, data_root) for split in folds}
+    runs = {split: _split_run(split, budget, cmc_data) for split in folds}
     keys = ["rmse", "mae", "recall", "ndcg", "coverage", "fit_seconds"]
     models = list(runs[folds[0]]["rows"])
     summary = {m: {k: (float(np.mean([runs[f]["rows"][m][k] for f in folds])),
@@ -242,12 +252,12 @@ def _monti_run(name: str, train, test, budget: str) -> dict:
 
 
 @pytest.mark.benchmark
-def test_monti_datasets(budget, data_root, results_dir):
-    _require(data_root / "monti" / "douban" / "training_test_dataset.mat", "Monti et al. matrices")
+def test_monti_datasets(budget, cmc_data, results_dir):
+    _require(cmc_data / "monti" / "douban" / "training_test_dataset.mat", "Monti et al. matrices")
     rows, targets = {}, {}
     for name in ("douban", "flixster", "yahoo_music"):
         print(f"\n{name} ({budget})")
-        train, test = load_monti(name, data_root / "monti" / name)
+        train, test = load_monti(name, cmc_data / "monti" / name)
         rows[name] = _monti_run(name, train, test, budget)
         if name in TARGETS:
             targets[name] = gap(rows[name]["cmc+ae"]["rmse"], TARGETS[name], True)

@@ -3,7 +3,7 @@
 Quick start::
 
     from cmc_rec import CMCRecommender, EASE, evaluate, load_movielens_100k_split
-    train, test = load_movielens_100k_split("u1")
+    train, test = load_movielens_100k_split("u1")   # from $CMC_REC_DATA/ml-100k, or path=...
     model = CMCRecommender().fit(train)       # ranks with InfoNCE graph embeddings, predicts with the autoencoder
     print(evaluate(model, train, test))
     item_ids, scores = model.recommend([1, 2, 3], k=10)
@@ -24,6 +24,7 @@ from .data import (
     IdMap,
     Ratings,
     atomic_fetch,
+    data_root,
     download_movielens,
     load_monti,
     load_movielens_1m,
@@ -35,12 +36,13 @@ from .implicit_models import ImplicitALS, ImplicitBPR
 from .metrics import EvalResult, catalog_coverage, evaluate, mae, popularity_bias, recall_ndcg_at_k, rmse
 from .model import DEFAULT_TEMPERATURE, ContrastiveMatrixModel, LossConfig, info_nce
 from .ranking import RankingConfig, RankingModel
-from .recommender import BaseRecommender, MeanRecommender, SVDConfig, SVDRecommender
+from .recommender import PAD_ID, BaseRecommender, MeanRecommender, SVDConfig, SVDRecommender
 from .train import TrainConfig, Trainer, TrainResult, atomic_save
 from .tuning import TuneResult, per_user_split, tune
 
 __all__ = [
     "DEFAULT_TEMPERATURE",
+    "PAD_ID",
     "EASE",
     "AutoencoderConfig",
     "BaseRecommender",
@@ -71,6 +73,7 @@ __all__ = [
     "atomic_fetch",
     "atomic_save",
     "catalog_coverage",
+    "data_root",
     "download_movielens",
     "evaluate",
     "info_nce",

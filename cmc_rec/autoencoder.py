@@ -21,17 +21,21 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from ._util import check_number, rating_scale, show_progress
 from .data import holdout_indices
 from .metrics import rmse
 from .recommender import BaseRecommender, damped_biases
 
 __all__ = ["AutoencoderConfig", "KernelAutoencoder", "KernelAutoencoderRecommender"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,18 +51,15 @@ class AutoencoderConfig:
     val_fraction: float = 0.05  # validation split carved (seeded) out of the training ratings
     ensemble: int = 1  # average this many autoencoders (seeds seed, seed+1, ...; each its own validation carve)
     seed: int = 0
+    progress: bool | None = None  # tqdm bar over each member's epochs; None: when stderr is a terminal
 
     def __post_init__(self) -> None:
-        if self.hidden < 1 or self.num_hidden_layers < 1 or self.kernel_dim < 1:
-            raise ValueError(f"hidden, num_hidden_layers and kernel_dim must be >= 1, got {self}")
-        if self.l2 < 0 or self.kernel_l2 < 0:
-            raise ValueError(f"l2 and kernel_l2 must be >= 0, got {self.l2}, {self.kernel_l2}")
-        if self.epochs < 1 or self.iters_per_epoch < 1 or self.patience < 1:
-            raise ValueError(f"epochs, iters_per_epoch and patience must be >= 1, got {self}")
-        if self.ensemble < 1:
-            raise ValueError(f"ensemble must be >= 1, got {self.ensemble}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        for name in ("hidden", "num_hidden_layers", "kernel_dim", "epochs", "iters_per_epoch", "patience", "ensemble"):
+            check_number(f"AutoencoderConfig.{name}", getattr(self, name), low=1, integer=True)
+        check_number("AutoencoderConfig.seed", self.seed, integer=True)
+        check_number("AutoencoderConfig.l2", self.l2, low=0.0)
+        check_number("AutoencoderConfig.kernel_l2", self.kernel_l2, low=0.0)
+        check_number("AutoencoderConfig.val_fraction", self.val_fraction, low=0.0, high=1.0, high_open=True)
 
 
 class KernelLinear(nn.Module):
@@ -157,11 +158,13 @@ class KernelAutoencoderRecommender(BaseRecommender):
         self._bias = damped_biases(u, i, r, self.n_users, self.n_items, self.global_mean)  # fallback
         # the networks see r / scale: 1 on a 1-5 scale, so l2 / kernel_l2 keep their meaning on
         # other scales (YahooMusic's 1-100: 24.75); predictions are multiplied back
-        lo, hi = self.rating_range
-        self._scale = (hi - lo) / 4.0 if hi > lo else 1.0
-        self.members = [self._fit_member(u, i, r / self._scale, c.seed + k) for k in range(c.ensemble)]
+        self._scale = rating_scale(*self.rating_range)
+        self.members = [self._fit_member(u, i, r / self._scale, c.seed + k, f"autoencoder {k + 1}/{c.ensemble}")
+                        for k in range(c.ensemble)]
 
-    def _fit_member(self, u, i, r, seed: int) -> _Member:
+    def _fit_member(self, u, i, r, seed: int, desc: str) -> _Member:
+        from tqdm import tqdm  # plain tqdm: tqdm.auto probes for IPython / widgets, seconds of imports
+
         c = dataclasses.replace(self.config, seed=seed)
         tr, va = holdout_indices(len(r), c.val_fraction, seed=seed)
         inputs = self._matrix(u[tr], i[tr], r[tr])  # (I, U) sparse, the training graph
@@ -181,21 +184,28 @@ class KernelAutoencoderRecommender(BaseRecommender):
             return loss
 
         best, best_state, since, best_epoch, history = float("inf"), None, 0, 0, []
-        for epoch in range(1, c.epochs + 1):
+        bar = tqdm(range(1, c.epochs + 1), desc=desc, disable=not show_progress(c.progress))
+        for epoch in bar:
             opt.step(closure)
             if len(va) == 0:
                 best_epoch = epoch
                 continue
             with torch.no_grad():
                 pred = model(inputs)[vi, vu].clamp(lo, hi)  # (V,)
-                val = rmse(vr.numpy(), pred.numpy())
+                val = rmse(vr.numpy(), pred.numpy()) if torch.isfinite(pred).all() else float("inf")
             history.append(val)
+            bar.set_postfix(val=f"{val * self._scale:.4f}")
             if val < best:
                 best, best_state, since, best_epoch = val, copy.deepcopy(model.state_dict()), 0, epoch
             else:
                 since += 1
                 if since >= c.patience:
+                    bar.set_postfix(val=f"{val * self._scale:.4f}", stopped=f"early, best epoch {best_epoch}")
+                    logger.info("%s: early stopping at epoch %d (no better validation RMSE for %d epochs); "
+                                "keeping epoch %d (RMSE %.4f)", desc, epoch, c.patience, best_epoch,
+                                best * self._scale)
                     break
+        bar.close()
         if best_state is not None:
             model.load_state_dict(best_state)
         model.eval()

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ._util import check_number
 from .autoencoder import AutoencoderConfig, KernelAutoencoderRecommender
 from .data import Ratings, holdout_indices
 from .model import ContrastiveMatrixModel, LossConfig
@@ -61,16 +62,21 @@ class CMCConfig:
     blend_weight: float = 0.1  # rank_by="blend": cosine + blend_weight * predicted rating (chosen on validation)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    progress: bool | None = None  # tqdm bars of every part whose own `progress` is None; None: stderr a terminal
 
     def __post_init__(self) -> None:
+        for name in ("embedding_dim", "num_layers", "attention_dim"):
+            check_number(f"CMCConfig.{name}", getattr(self, name), low=1, integer=True)
+        for name in ("edge_dropout", "node_dropout"):
+            check_number(f"CMCConfig.{name}", getattr(self, name), low=0.0, high=1.0, high_open=True)
+        check_number("CMCConfig.init_std", self.init_std, low=0.0, low_open=True)
+        check_number("CMCConfig.blend_weight", self.blend_weight)
         if self.rank_by not in RANK_BY:
             raise ValueError(f"rank_by must be one of {RANK_BY}, got {self.rank_by!r}")
         if self.rank_by == "ranking" and self.ranking is None:
             raise ValueError("rank_by='ranking' needs CMCConfig.ranking (a RankingConfig), got None")
         if self.rank_by != "ranking" and not self.graph_rating:
             raise ValueError(f"rank_by={self.rank_by!r} ranks with the graph model: set graph_rating=True")
-        if self.embedding_dim < 1 or self.num_layers < 1:
-            raise ValueError(f"embedding_dim and num_layers must be >= 1, got {self.embedding_dim}, {self.num_layers}")
 
 
 class CMCRecommender(BaseRecommender):
@@ -87,14 +93,24 @@ class CMCRecommender(BaseRecommender):
         self.result: TrainResult | None = None
         self.timings: dict[str, float] = {}  # seconds each head took to fit
 
+    def _parts(self) -> tuple[RankingConfig | None, AutoencoderConfig | None, TrainConfig]:
+        """The parts' configs, with ``CMCConfig.progress`` filled in where a part leaves it None."""
+        c = self.config
+
+        def fill(part):
+            return part if part is None or part.progress is not None else dataclasses.replace(part, progress=c.progress)
+
+        return fill(c.ranking), fill(c.autoencoder), fill(c.train)
+
     def _fit(self, u, i, r) -> None:
         c, tc = self.config, self.config.train
+        ranking, autoencoder, _ = self._parts()
         self.timings = {}  # seconds each part took to fit
         self.model, self.result, self.autoencoder, self.ranker = None, None, None, None
         tr, va = holdout_indices(len(r), tc.val_fraction, seed=tc.seed)
         if c.ranking is not None:  # ranks from every rating: it has no validation-based choice to make
             start = time.perf_counter()
-            self.ranker = train_ranking(u, i, r, self.n_users, self.n_items, c.ranking)
+            self.ranker = train_ranking(u, i, r, self.n_users, self.n_items, ranking)
             self._zu, self._zi = self.ranker.normalized_embeddings()  # (U, D), (I, D)
             self.timings["ranking"] = time.perf_counter() - start
         self._biases = damped_biases(u[tr], i[tr], r[tr], self.n_users, self.n_items, float(r[tr].mean()))
@@ -107,7 +123,7 @@ class CMCRecommender(BaseRecommender):
             start = time.perf_counter()
             # the autoencoder's "raw" ids are this model's indices; users / items seen only in the
             # validation part are unknown to it and get its documented bias fallback
-            self.autoencoder = KernelAutoencoderRecommender(c.autoencoder).fit(Ratings(u[tr], i[tr], r[tr]))
+            self.autoencoder = KernelAutoencoderRecommender(autoencoder).fit(Ratings(u[tr], i[tr], r[tr]))
             self.timings["autoencoder"] = time.perf_counter() - start
         self.head_weights = None
         if len(va) and self.autoencoder is not None:  # a lone graph model predicts by itself
@@ -116,7 +132,7 @@ class CMCRecommender(BaseRecommender):
 
     def _fit_graph(self, u, i, r, tr, va) -> None:
         """MCCL's graph model with its MSE rating head, early-stopped on the validation part."""
-        c, tc = self.config, self.config.train
+        c, tc = self.config, self._parts()[2]
         levels_raw = np.unique(r)
         levels = np.searchsorted(levels_raw, r)  # rating value -> level index
         self.levels = levels_raw
@@ -131,8 +147,11 @@ class CMCRecommender(BaseRecommender):
         )
         self.model.attach_graph(u[tr], i[tr], levels[tr])
         clip = tuple((x - self._shift) / self._scale for x in self.rating_range)
+        graph_config = {f.name: getattr(c, f.name) for f in dataclasses.fields(c)
+                        if f.name not in ("ranking", "autoencoder", "rank_by", "blend_weight", "loss", "train", "progress")}
         self.result = Trainer(tc, c.loss).fit(
-            self.model, (u[tr], i[tr], rs[tr]), (u[va], i[va], rs[va]) if len(va) else None, clip=clip
+            self.model, (u[tr], i[tr], rs[tr]), (u[va], i[va], rs[va]) if len(va) else None, clip=clip,
+            context=graph_config,
         )
         self.val_rmse = self.result.best_val_rmse * self._scale  # best validation RMSE, rating units
         self.model.cpu().eval()
@@ -225,9 +244,10 @@ def temperature_sweep(train, temperatures, config: CMCConfig | None = None, val_
     """
     from .tuning import tune
 
-    temps = [float(t) for t in temperatures]
-    if not temps or not min(temps) > 0:
+    temps = list(temperatures)
+    if not temps:
         raise ValueError(f"temperatures must be a non-empty list of positive numbers, got {temperatures}")
+    temps = [float(check_number("temperature", t, low=0.0, low_open=True)) for t in temps]
     base = config or CMCConfig()
     result = tune(lambda temperature: CMCRecommender(with_temperature(base, temperature)),
                   {"temperature": temps}, train, fraction=val_fraction, seed=seed, k=k)

@@ -3,29 +3,40 @@
 Where the data comes from (first hit wins):
 
 1. an explicit ``path=`` (the data set's own folder, e.g. ``.../ml-100k``);
-2. ``$CMC_REC_DATA`` or the project-wide ``$MEASURED_REPRO_DATA`` (a root holding ``ml-100k/``,
-   ``ml-1m/``, ``monti/``);
-3. ``../shared/data`` beside the repository root.
+2. ``$CMC_REC_DATA``, a root holding ``ml-100k/``, ``ml-1m/``, ``monti/``.
 
-A missing data set raises :class:`DatasetNotFoundError`, naming the path and how to fix it.
-Nothing here is ever committed: GroupLens' terms forbid redistribution.
+There is no other fallback: with neither, or with the data set absent, the loaders raise
+:class:`DatasetNotFoundError`, naming the path and how to fix it (set the variable, pass
+``path=``, or fetch MovieLens with :func:`download_movielens`).  Nothing here is ever committed:
+GroupLens' terms forbid redistribution.
+
+Ids are integers or strings, one type per column (mixed types are refused); integral float ids,
+as in an (n, 3) float array, become integers.  A (user, item) pair may appear once:
+:meth:`Ratings.duplicates` finds repeats, :meth:`Ratings.deduplicate` keeps the last of each, and
+every recommender's ``fit`` refuses data with repeats (they would otherwise be summed or averaged
+silently).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import tempfile
 import urllib.request
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA_ROOT = REPO_ROOT.parent / "shared" / "data"
-ENV_VARS = ("CMC_REC_DATA", "MEASURED_REPRO_DATA")
+from ._util import atomic_write, check_number
+from .ratings import IdMap, Ratings
+
+__all__ = ["ENV_VAR", "ChecksumError", "DatasetNotFoundError", "IdMap", "Ratings", "atomic_fetch", "data_root",
+           "download_movielens", "holdout_indices", "load_monti", "load_movielens_1m", "load_movielens_100k",
+           "load_movielens_100k_split", "random_split", "verify_digest"]
+
+ENV_VAR = "CMC_REC_DATA"  # the data root; the checkout's Makefile / CI set it to ../shared/data
 MOVIELENS_100K_SPLITS = ("u1", "u2", "u3", "u4", "u5", "ua", "ub")
 MONTI_DATASETS = ("douban", "flixster", "yahoo_music")
 
@@ -56,111 +67,27 @@ class ChecksumError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------
-# Ratings container and id maps
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Ratings:
-    """Explicit ratings as three aligned arrays of raw ids (any hashable numpy dtype)."""
-
-    users: np.ndarray  # (n,) raw user ids
-    items: np.ndarray  # (n,) raw item ids
-    ratings: np.ndarray  # (n,) float32 ratings
-
-    def __post_init__(self) -> None:
-        self.users = np.asarray(self.users)
-        self.items = np.asarray(self.items)
-        self.ratings = np.asarray(self.ratings, dtype=np.float32)
-        n = len(self.users)
-        if len(self.items) != n or len(self.ratings) != n:
-            raise ValueError(
-                f"users, items, ratings must have equal lengths, got {n}, {len(self.items)}, {len(self.ratings)}"
-            )
-        if n and not np.all(np.isfinite(self.ratings)):
-            raise ValueError("ratings contain NaN or inf")
-
-    def __len__(self) -> int:
-        return len(self.users)
-
-    def subset(self, index: np.ndarray) -> Ratings:
-        return Ratings(self.users[index], self.items[index], self.ratings[index])
-
-    def to_array(self) -> np.ndarray:
-        """(n, 3) float64 array user, item, rating (raw ids must be numeric)."""
-        return np.stack([self.users, self.items, self.ratings], axis=1).astype(np.float64)
-
-    @classmethod
-    def from_any(cls, data: object) -> Ratings:
-        """Accept a :class:`Ratings`, an (n, 3) array, or a DataFrame with user, item, rating columns."""
-        if isinstance(data, Ratings):
-            return data
-        if hasattr(data, "iloc") and hasattr(data, "columns"):  # pandas DataFrame, without importing pandas
-            cols = list(data.columns)
-            if {"user", "item", "rating"} <= set(cols):
-                return cls(data["user"].to_numpy(), data["item"].to_numpy(), data["rating"].to_numpy())
-            if len(cols) < 3:
-                raise ValueError(f"a ratings DataFrame needs columns user, item, rating; got {cols}")
-            return cls(data.iloc[:, 0].to_numpy(), data.iloc[:, 1].to_numpy(), data.iloc[:, 2].to_numpy())
-        arr = np.asarray(data)
-        if arr.ndim != 2 or arr.shape[1] < 3:
-            raise ValueError(f"ratings must be an (n, 3) array of user, item, rating; got shape {arr.shape}")
-        users, items = arr[:, 0], arr[:, 1]
-        if arr.dtype.kind == "f":  # ids given as floats: keep them integral when they are
-            if np.all(users == np.round(users)) and np.all(items == np.round(items)):
-                users, items = users.astype(np.int64), items.astype(np.int64)
-        return cls(users, items, arr[:, 2].astype(np.float32))
-
-
-class IdMap:
-    """Raw ids <-> contiguous indices 0..n-1 (sorted order of the raw ids)."""
-
-    def __init__(self, raw_ids: np.ndarray) -> None:
-        self.raw = np.unique(np.asarray(raw_ids))  # (n,) sorted
-
-    def __len__(self) -> int:
-        return len(self.raw)
-
-    def to_index(self, raw_ids: np.ndarray) -> np.ndarray:
-        """Indices of ``raw_ids``; unknown ids map to -1."""
-        raw_ids = np.asarray(raw_ids)
-        if len(self.raw) == 0:
-            return np.full(raw_ids.shape, -1, dtype=np.int64)
-        try:
-            pos = np.searchsorted(self.raw, raw_ids)
-        except TypeError as err:
-            raise ValueError(f"ids of dtype {raw_ids.dtype} cannot be compared with {self.raw.dtype}") from err
-        pos = np.clip(pos, 0, len(self.raw) - 1)
-        found = self.raw[pos] == raw_ids
-        return np.where(found, pos, -1).astype(np.int64)
-
-    def to_raw(self, index: np.ndarray) -> np.ndarray:
-        index = np.asarray(index, dtype=np.int64)
-        if index.size and (index.min() < 0 or index.max() >= len(self.raw)):
-            raise ValueError(f"index out of range [0, {len(self.raw)}): min {index.min()}, max {index.max()}")
-        return self.raw[index]
-
-
-# ----------------------------------------------------------------------------------------------
-# Locating data
+# Locating and reading data
 # ----------------------------------------------------------------------------------------------
 
 
 def data_root(root: str | os.PathLike | None = None) -> Path:
-    """The data root: ``root`` if given, else ``$CMC_REC_DATA``, ``$MEASURED_REPRO_DATA``, ``../shared/data``."""
+    """The data root: ``root`` if given, else ``$CMC_REC_DATA``; neither raises :class:`DatasetNotFoundError`."""
     if root is not None:
         return Path(root)
-    for var in ENV_VARS:
-        if os.environ.get(var):
-            return Path(os.environ[var])
-    return DEFAULT_DATA_ROOT
+    if os.environ.get(ENV_VAR):
+        return Path(os.environ[ENV_VAR])
+    raise DatasetNotFoundError(
+        f"no data location: pass path=<the data set's folder>, or set ${ENV_VAR} to a folder holding "
+        f"'ml-100k/', 'ml-1m/' or 'monti/' (export {ENV_VAR}=/path/to/data); MovieLens can be fetched with "
+        f"cmc_rec.data.download_movielens('ml-100k', cache_dir)")
 
 
 def _dataset_dir(name: str, sub: str, path: str | os.PathLike | None, needed: str) -> Path:
     folder = Path(path) if path is not None else data_root() / sub
     if not (folder / needed).is_file():
         hint = (
-            f"pass path=<folder holding {needed}>, or set $CMC_REC_DATA to a root holding '{sub}/'"
+            f"pass path=<folder holding {needed}>, or set ${ENV_VAR} to a root holding '{sub}/'"
             + (f", or call cmc_rec.data.download_movielens('{name}', cache_dir)" if name in GROUPLENS_ARCHIVES else "")
         )
         raise DatasetNotFoundError(f"{name}: {folder / needed} not found; {hint}")
@@ -168,17 +95,32 @@ def _dataset_dir(name: str, sub: str, path: str | os.PathLike | None, needed: st
 
 
 def _read_table(path: Path, sep: str) -> Ratings:
-    """Read user<sep>item<sep>rating[<sep>timestamp] lines with integer ids."""
-    if len(sep) == 1:
-        arr = np.loadtxt(path, dtype=np.int64, delimiter=sep, usecols=(0, 1, 2), ndmin=2)
-    else:  # multi-character separators such as '::' (ML-1M)
-        text = path.read_text(encoding="latin-1").replace(sep, "\t")
-        rows = [line.split("\t")[:3] for line in text.splitlines() if line.strip()]
+    """Read ``user<sep>item<sep>rating[<sep>timestamp]`` lines (integer ids, numeric ratings).
+
+    A line with a word where a number belongs, or with fewer than three fields, raises naming the
+    file, the line number and the line; a file without a single rating is refused.
+    """
+    text = path.read_text(encoding="latin-1")
+    rows, numbers = [], []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.split(sep)
         try:
-            arr = np.asarray(rows, dtype=np.float64).reshape(-1, 3)
+            if len(fields) < 3:
+                raise ValueError(f"{len(fields)} field(s)")
+            user, item, rating = int(fields[0]), int(fields[1]), float(fields[2])
+            if not math.isfinite(rating):
+                raise ValueError(f"rating {fields[2]!r} is not finite")
         except ValueError as err:
-            raise ValueError(f"{path}: expected user{sep}item{sep}rating lines ({err})") from err
-    return Ratings(arr[:, 0].astype(np.int64), arr[:, 1].astype(np.int64), arr[:, 2].astype(np.float32))
+            raise ValueError(f"{path}, line {lineno}: expected user{sep}item{sep}rating[{sep}timestamp] with "
+                             f"integer ids and a numeric rating, got {line[:80]!r} ({err})") from None
+        rows.append((user, item))
+        numbers.append(rating)
+    if not rows:
+        raise ValueError(f"{path}: no ratings in the file (empty, or blank lines only)")
+    ids = np.asarray(rows, dtype=np.int64)  # (n, 2)
+    return Ratings(ids[:, 0], ids[:, 1], np.asarray(numbers, dtype=np.float32))
 
 
 def load_movielens_100k(path: str | os.PathLike | None = None) -> Ratings:
@@ -209,15 +151,27 @@ def load_monti(name: str, path: str | os.PathLike | None = None) -> tuple[Rating
     if name not in MONTI_DATASETS:
         raise ValueError(f"name must be one of {MONTI_DATASETS}, got {name!r}")
     folder = _dataset_dir(name, f"monti/{name}", path, "training_test_dataset.mat")
+    file = folder / "training_test_dataset.mat"
     import h5py  # lazy: only this loader needs it
 
-    with h5py.File(folder / "training_test_dataset.mat", "r") as f:
-        missing = {"M", "Otraining", "Otest"} - set(f.keys())
-        if missing:
-            raise ValueError(f"{folder}: .mat file lacks keys {sorted(missing)}; has {sorted(f.keys())}")
-        m = np.asarray(f["M"]).T  # (users, items)
-        o_train = np.asarray(f["Otraining"]).T
-        o_test = np.asarray(f["Otest"]).T
+    if not h5py.is_hdf5(file):
+        raise ValueError(f"{file} is not an HDF5 file: load_monti reads the MATLAB v7.3 (HDF5) .mat files of "
+                         f"Monti et al. (older .mat versions, v5 / v7, are not HDF5: re-save with "
+                         f"save(..., '-v7.3')); the file may also be truncated")
+    try:
+        with h5py.File(file, "r") as f:
+            missing = {"M", "Otraining", "Otest"} - set(f.keys())
+            if missing:
+                raise ValueError(f"{file}: .mat file lacks keys {sorted(missing)}; has {sorted(f.keys())}")
+            m = np.asarray(f["M"]).T  # (users, items)
+            o_train = np.asarray(f["Otraining"]).T
+            o_test = np.asarray(f["Otest"]).T
+    except OSError as err:  # h5py's error for truncated / corrupt files
+        raise ValueError(f"{file}: cannot read the HDF5 .mat file, it is truncated or corrupt ({err}); "
+                         f"fetch it again") from err
+    if not (m.shape == o_train.shape == o_test.shape and m.ndim == 2):
+        raise ValueError(f"{file}: M, Otraining, Otest must be matrices of one shape, got "
+                         f"{m.shape}, {o_train.shape}, {o_test.shape}")
 
     def pick(mask: np.ndarray) -> Ratings:
         u, i = np.nonzero((mask > 0) & (m != 0))
@@ -233,8 +187,7 @@ def load_monti(name: str, path: str | os.PathLike | None = None) -> tuple[Rating
 
 def random_split(ratings: Ratings, test_fraction: float = 0.2, seed: int = 0) -> tuple[Ratings, Ratings]:
     """Seeded uniform split of the rating events (``numpy.random.Generator``, no global RNG)."""
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    check_number("test_fraction", test_fraction, low=0.0, high=1.0, low_open=True, high_open=True)
     keep, test = holdout_indices(len(ratings), test_fraction, seed=seed, min_size=0)
     return ratings.subset(keep), ratings.subset(test)
 
@@ -279,20 +232,15 @@ def atomic_fetch(url: str, dest: str | os.PathLike, digest: str | None = None, t
     A half-written or corrupt download never appears under ``dest``.  ``url`` may be a
     ``file://`` URL (used by the tests; no internet here).
     """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+
+    def fetch(tmp: Path) -> None:
+        with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
             for block in iter(lambda: response.read(1 << 20), b""):
                 out.write(block)
         if digest:
             verify_digest(tmp, digest)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dest
+
+    return atomic_write(dest, fetch)
 
 
 def download_movielens(name: str = "ml-100k", cache_dir: str | os.PathLike | None = None, url: str | None = None) -> Path:

@@ -104,6 +104,21 @@ class EvalResult:
     def as_dict(self) -> dict:
         return dict(self.__dict__)
 
+    def to_markdown(self) -> str:
+        """A one-row markdown table of the metrics (RMSE / MAE ``n/a`` for ranking-only models)."""
+        def num(x: float) -> str:
+            return "n/a" if np.isnan(x) else f"{x:.4f}"
+
+        k = self.k
+        return "\n".join([
+            f"| RMSE | MAE | Recall@{k} | NDCG@{k} | coverage@{k} | pop. percentile | Gini | ranked users |",
+            "|---|---|---|---|---|---|---|---|",
+            f"| {num(self.rmse)} | {num(self.mae)} | {num(self.recall)} | {num(self.ndcg)} | {self.coverage:.1%} | "
+            f"{num(self.pop_percentile)} | {num(self.gini)} | {self.n_rank_users} |",
+        ])
+
+    __str__ = to_markdown
+
 
 def evaluate(model, train, test, k: int = 10, threshold: float = 4.0, batch_size: int = 1024) -> EvalResult:
     """Rating error on every test triple, and top-K metrics under the protocol above.
@@ -115,6 +130,8 @@ def evaluate(model, train, test, k: int = 10, threshold: float = 4.0, batch_size
     from .data import Ratings
 
     train, test = Ratings.from_any(train), Ratings.from_any(test)
+    if len(test) == 0:
+        raise ValueError("the test set holds no ratings: nothing to evaluate")
     if getattr(model, "predicts_ratings", True):
         pred = model.predict(test.users, test.items)
         err_rmse, err_mae = rmse(test.ratings, pred), mae(test.ratings, pred)

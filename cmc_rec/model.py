@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._util import check_number
 from .graph import BipartiteGraph, DenoisingView, VariationalView
 
 # tau of every InfoNCE term of this package (ranking model, graph model, the blog's loss): 0.2 was the
@@ -42,8 +43,7 @@ def info_nce(anchor: torch.Tensor, positive: torch.Tensor, temperature: float = 
     if anchor.shape != positive.shape or anchor.dim() != 2:
         raise ValueError(f"anchor and positive must both be (B, D), got {tuple(anchor.shape)}, "
                          f"{tuple(positive.shape)}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_number("temperature", temperature, low=0.0, low_open=True)
     if normalize:
         anchor, positive = F.normalize(anchor, dim=1), F.normalize(positive, dim=1)
     logits = anchor @ positive.T / temperature  # (B, B)
@@ -59,6 +59,12 @@ class LossConfig:
     l2: float = 0.1  # L2 on the embeddings and biases used in the batch, per rating (tuned on validation)
     temperature: float = DEFAULT_TEMPERATURE  # tau of both InfoNCE terms
     contrast_batch: int = 1024  # at most this many rows per InfoNCE term (logits are (B, B))
+
+    def __post_init__(self) -> None:
+        for name in ("view", "pref", "kl", "l2"):
+            check_number(f"LossConfig.{name}", getattr(self, name), low=0.0)
+        check_number("LossConfig.temperature", self.temperature, low=0.0, low_open=True)
+        check_number("LossConfig.contrast_batch", self.contrast_batch, low=1, integer=True)
 
 
 class ContrastiveMatrixModel(nn.Module):

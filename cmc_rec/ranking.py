@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._util import check_number, show_progress
 from .graph import BipartiteGraph
 from .model import DEFAULT_TEMPERATURE, info_nce
 
@@ -45,23 +46,21 @@ class RankingConfig:
     negatives: int = 0  # 0: softmax over every item; K > 0: K popularity-sampled negatives per step, logQ-corrected
     init_std: float = 0.1  # h0 ~ N(0, init_std^2)
     seed: int = 0  # init, shuffling, edge dropout
-    progress: bool = False  # tqdm bar over epochs
+    progress: bool | None = None  # tqdm bar over epochs; None: when stderr is a terminal
 
     def __post_init__(self) -> None:
-        if self.negatives < 0:
-            raise ValueError(f"RankingConfig.negatives must be >= 0, got {self.negatives}")
         for name in ("embedding_dim", "num_layers", "batch_size", "view_nodes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"RankingConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.epochs < 0:
-            raise ValueError(f"RankingConfig.epochs must be >= 0, got {self.epochs}")
+            check_number(f"RankingConfig.{name}", getattr(self, name), low=1, integer=True)
+        for name in ("epochs", "negatives"):
+            check_number(f"RankingConfig.{name}", getattr(self, name), low=0, integer=True)
+        check_number("RankingConfig.seed", self.seed, integer=True)
         for name in ("temperature", "lr", "init_std"):
-            if not getattr(self, name) > 0:  # also rejects NaN
-                raise ValueError(f"RankingConfig.{name} must be > 0, got {getattr(self, name)}")
-        if not (self.l2 >= 0 and self.view_weight >= 0):
-            raise ValueError(f"l2 and view_weight must be >= 0, got {self.l2}, {self.view_weight}")
-        if not 0.0 <= self.edge_dropout < 1.0:
-            raise ValueError(f"edge_dropout must be in [0, 1), got {self.edge_dropout}")
+            check_number(f"RankingConfig.{name}", getattr(self, name), low=0.0, low_open=True)
+        for name in ("l2", "view_weight"):
+            check_number(f"RankingConfig.{name}", getattr(self, name), low=0.0)
+        check_number("RankingConfig.edge_dropout", self.edge_dropout, low=0.0, high=1.0, high_open=True)
+        if self.min_rating is not None:
+            check_number("RankingConfig.min_rating", self.min_rating)
 
 
 class RankingModel(nn.Module):
@@ -134,7 +133,7 @@ def train_ranking(u: np.ndarray, i: np.ndarray, r: np.ndarray, num_users: int, n
     g = torch.Generator().manual_seed(c.seed + 1)
     ut, it = torch.as_tensor(u, dtype=torch.long), torch.as_tensor(i, dtype=torch.long)
     model.history = []
-    for _ in tqdm(range(c.epochs), desc="cmc ranking", disable=not c.progress):
+    for _ in tqdm(range(c.epochs), desc="cmc ranking", disable=not show_progress(c.progress)):
         perm = torch.randperm(len(ut), generator=g)
         total, steps = 0.0, 0
         for start in range(0, len(perm), c.batch_size):

@@ -6,6 +6,13 @@ Fallback for ids not seen in ``fit`` (documented, never a crash): a known user w
 item gets ``mu + b_u``; an unknown user with a known item gets ``mu + b_i``; both unknown get
 ``mu`` (the global mean of the training ratings).  ``recommend`` for an unknown user ranks items
 by ``mu + b_i``.  Every prediction is clipped to the training rating range.
+
+At the boundary: ``fit`` refuses repeated (user, item) pairs (``Ratings.deduplicate`` keeps the
+last of each), and a model whose fit produced NaN / inf scores (a diverged training) raises
+instead of returning; queries with ids of the other type than the fit's (int vs str) are refused.
+``recommend(users, k)`` returns ``min(k, n_items)`` columns; when a user has fewer unseen items
+than that, the row ends with padding: score ``-inf`` and id :data:`PAD_ID` (``-1`` for integer
+item ids, ``""`` for string ids) -- a seen item is never returned.
 """
 
 from __future__ import annotations
@@ -15,7 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .data import IdMap, Ratings
+from ._util import check_number, rating_scale
+from .ratings import IdMap, Ratings, as_ids, id_kind
+
+PAD_ID = {"integer": -1, "string": ""}  # the id of recommend()'s padding slots, by item id type
 
 
 class BaseRecommender:
@@ -36,9 +46,9 @@ class BaseRecommender:
     # -- fitting ---------------------------------------------------------------------------
     def fit(self, ratings) -> BaseRecommender:
         """Fit on an (n, 3) array, a DataFrame (user, item, rating) or :class:`Ratings`; returns self."""
-        data = Ratings.from_any(ratings)
+        data = Ratings.from_any(ratings).check_unique_pairs()
         if len(data) == 0:
-            raise ValueError("cannot fit on zero ratings")
+            raise ValueError("cannot fit on zero ratings (the data set is empty)")
         self.user_map, self.item_map = IdMap(data.users), IdMap(data.items)
         u = self.user_map.to_index(data.users)
         i = self.item_map.to_index(data.items)
@@ -48,8 +58,29 @@ class BaseRecommender:
         order = np.lexsort((i, u))  # CSR of seen items per user
         self._seen_indptr = np.concatenate([[0], np.cumsum(np.bincount(u, minlength=len(self.user_map)))])
         self._seen_items = i[order]
-        self._fit(u, i, r)
+        try:
+            self._fit(u, i, r)
+            self._check_finite(u, i)
+        except BaseException:
+            self.user_map = self.item_map = None  # a failed fit leaves the model unfitted
+            raise
         return self
+
+    def _check_finite(self, u: np.ndarray, i: np.ndarray) -> None:
+        """Raise if the fitted model scores a sample of users / training pairs as NaN or inf."""
+        sample = [np.asarray(self._score_all(np.arange(min(self.n_users, 256)))).ravel()]
+        if self.predicts_ratings:
+            sample.append(np.asarray(self._score(u[:1024], i[:1024])).ravel())
+        scores = np.concatenate(sample)
+        bad = ~np.isfinite(scores)
+        if bad.any():
+            lo, hi = self.rating_range
+            raise FloatingPointError(
+                f"{type(self).__name__}.fit produced non-finite scores ({bad.mean():.0%} of a sample of {len(scores)}) "
+                f"on ratings in [{lo:g}, {hi:g}]: the training diverged; {self._divergence_hint()}")
+
+    def _divergence_hint(self) -> str:
+        return "lower the learning rate or raise the regularisation"
 
     @property
     def n_users(self) -> int:
@@ -68,7 +99,7 @@ class BaseRecommender:
     def predict(self, users, items) -> np.ndarray:
         """Predicted ratings for aligned raw ids, clipped to the training range; (n,) float32."""
         self._require_fitted()
-        users, items = np.atleast_1d(np.asarray(users)), np.atleast_1d(np.asarray(items))
+        users, items = as_ids(users, "user ids"), as_ids(items, "item ids")
         if users.shape != items.shape:
             raise ValueError(f"users and items must have one shape, got {users.shape} and {items.shape}")
         u, i = self.user_map.to_index(users), self.item_map.to_index(items)
@@ -89,14 +120,13 @@ class BaseRecommender:
 
         Users are scored ``batch_size`` at a time, so memory is (batch_size, n_items) whatever
         the number of users.  With ``exclude_seen`` the user's training items are never returned;
-        if fewer than ``k`` items remain, the tail is padded with score ``-inf``.
+        if fewer than ``k`` items remain unseen for a user, the row's tail is padding: score ``-inf``
+        and id :data:`PAD_ID` (``-1`` for integer item ids, ``""`` for string ids), never a seen item.
         """
         self._require_fitted()
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        users = np.atleast_1d(np.asarray(users))
+        check_number("k", k, low=1, integer=True)
+        check_number("batch_size", batch_size, low=1, integer=True)
+        users = as_ids(users, "user ids")
         k_eff = min(k, self.n_items)
         u_all = self.user_map.to_index(users)
         ids = np.empty((len(users), k_eff), dtype=np.int64)
@@ -108,13 +138,22 @@ class BaseRecommender:
             s = fallback.expand(len(u), -1).clone()  # (B, I)
             if known.any():
                 s[torch.as_tensor(known)] = torch.as_tensor(self._score_all(u[known]), dtype=torch.float32)
-            if exclude_seen and known.any():
+            top = torch.topk(s, k_eff, dim=1) if not (exclude_seen and known.any()) else None
+            if top is None:
                 rows, cols = self._seen_pairs(u)
                 s[rows, cols] = -torch.inf
-            top = torch.topk(s, k_eff, dim=1)
+                top = torch.topk(s, k_eff, dim=1)
+                n_unseen = self.n_items - np.bincount(rows.numpy(), minlength=len(u))  # (B,)
+                pad = np.arange(k_eff)[None, :] >= n_unseen[:, None]  # (B, k): seen items, not recommendations
+                top.indices[torch.as_tensor(pad)] = -1
+                top.values[torch.as_tensor(pad)] = -torch.inf
             ids[start : start + len(u)] = top.indices.numpy()
             scores[start : start + len(u)] = top.values.numpy()
-        return self.item_map.to_raw(ids), scores
+        pad = ids < 0
+        raw = self.item_map.to_raw(np.where(pad, 0, ids))
+        if pad.any():
+            raw[pad] = PAD_ID[id_kind(self.item_map.raw)]
+        return raw, scores
 
     def _seen_pairs(self, u: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(row in batch, item index) of every training rating of the batch's known users."""
@@ -156,10 +195,9 @@ class MeanRecommender(BaseRecommender):
 
     def __init__(self, biased: bool = True, reg_user: float = 15.0, reg_item: float = 10.0, n_iter: int = 10) -> None:
         super().__init__()
-        if reg_user < 0 or reg_item < 0:
-            raise ValueError(f"regularisation must be >= 0, got reg_user={reg_user}, reg_item={reg_item}")
-        if n_iter < 1:
-            raise ValueError(f"n_iter must be >= 1, got {n_iter}")
+        check_number("reg_user", reg_user, low=0)
+        check_number("reg_item", reg_item, low=0)
+        check_number("n_iter", n_iter, low=1, integer=True)
         self.biased, self.reg_user, self.reg_item, self.n_iter = biased, reg_user, reg_item, n_iter
 
     def _fit(self, u, i, r) -> None:
@@ -208,6 +246,15 @@ class SVDConfig:
     batch_size: int = 128  # ratings per vectorised step; per-rating updates are summed
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        for name in ("n_factors", "batch_size"):
+            check_number(f"SVDConfig.{name}", getattr(self, name), low=1, integer=True)
+        check_number("SVDConfig.n_epochs", self.n_epochs, low=0, integer=True)
+        check_number("SVDConfig.seed", self.seed, integer=True)
+        check_number("SVDConfig.lr", self.lr, low=0, low_open=True)
+        check_number("SVDConfig.reg", self.reg, low=0)
+        check_number("SVDConfig.init_std", self.init_std, low=0)
+
 
 class SVDRecommender(BaseRecommender):
     """Biased MF ``mu + b_u + b_i + q_i . p_u`` (Funk / Koren), trained like ``surprise.SVD``.
@@ -217,6 +264,11 @@ class SVDRecommender(BaseRecommender):
     summed with ``index_add_`` (identical to Surprise for batch_size=1; a few users or items repeat
     inside a batch of 128 out of 80k ratings, so the difference is small).  Shuffled each epoch with
     a seeded ``torch.Generator``.
+
+    Scale: training runs on ``r / s`` with ``s = (max - min) / 4`` of the training ratings (1 on a
+    1-5 scale, so there it is Surprise's SGD exactly); predictions are multiplied back.  Summed
+    updates on raw ratings of a larger scale (e.g. 50-250) would diverge with Surprise's lr.  A fit
+    that still diverges (too large an ``lr``) raises ``FloatingPointError`` naming the epoch.
     """
 
     def __init__(self, config: SVDConfig | None = None, *, n_factors: int | None = None, n_epochs: int | None = None,
@@ -225,11 +277,6 @@ class SVDRecommender(BaseRecommender):
         cfg = config or SVDConfig()
         overrides = {"n_factors": n_factors, "n_epochs": n_epochs, "lr": lr, "reg": reg, "seed": seed}
         self.config = SVDConfig(**{**cfg.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
-        c = self.config
-        if c.n_factors < 1 or c.n_epochs < 0 or c.batch_size < 1:
-            raise ValueError(f"bad SVDConfig: {c}")
-        if c.lr <= 0 or c.reg < 0:
-            raise ValueError(f"lr must be > 0 and reg >= 0, got lr={c.lr}, reg={c.reg}")
 
     def _fit(self, u, i, r) -> None:
         threads = torch.get_num_threads()
@@ -246,9 +293,11 @@ class SVDRecommender(BaseRecommender):
         self.Q = torch.randn(self.n_items, c.n_factors, generator=g) * c.init_std  # (I, F)
         self.bu = torch.zeros(self.n_users)
         self.bi = torch.zeros(self.n_items)
-        ut, it, rt = torch.as_tensor(u), torch.as_tensor(i), torch.as_tensor(r)
-        mu, lr, reg = self.global_mean, c.lr, c.reg
-        for _ in range(c.n_epochs):
+        self._scale = rating_scale(*self.rating_range)
+        ut, it, rt = torch.as_tensor(u), torch.as_tensor(i), torch.as_tensor(r / self._scale)
+        self._mu = self.global_mean / self._scale  # the global mean in training units
+        mu, lr, reg = self._mu, c.lr, c.reg
+        for epoch in range(1, c.n_epochs + 1):
             perm = torch.randperm(len(rt), generator=g)
             for start in range(0, len(rt), c.batch_size):
                 b = perm[start : start + c.batch_size]
@@ -259,17 +308,24 @@ class SVDRecommender(BaseRecommender):
                 self.bi.index_add_(0, ib, lr * (err - reg * self.bi[ib]))
                 self.P.index_add_(0, ub, lr * (err[:, None] * q - reg * p))
                 self.Q.index_add_(0, ib, lr * (err[:, None] * p - reg * q))
+            if not all(bool(torch.isfinite(x).all()) for x in (self.P, self.Q, self.bu, self.bi)):
+                raise FloatingPointError(f"SVDRecommender diverged: non-finite factors after epoch {epoch} of "
+                                         f"{c.n_epochs}; {self._divergence_hint()}")
+
+    def _divergence_hint(self) -> str:
+        c = self.config
+        return f"lr={c.lr:g} is too large for batch_size={c.batch_size} (summed updates): lower lr"
 
     def _score(self, u, i):
         u, i = torch.as_tensor(u), torch.as_tensor(i)
-        return (self.global_mean + self.bu[u] + self.bi[i] + (self.P[u] * self.Q[i]).sum(1)).numpy()
+        return (self._mu + self.bu[u] + self.bi[i] + (self.P[u] * self.Q[i]).sum(1)).numpy() * self._scale
 
     def _score_all(self, u):
         u = torch.as_tensor(u)
-        return (self.global_mean + self.bu[u][:, None] + self.bi[None, :] + self.P[u] @ self.Q.T).numpy()
+        return (self._mu + self.bu[u][:, None] + self.bi[None, :] + self.P[u] @ self.Q.T).numpy() * self._scale
 
     def _user_bias(self, u):
-        return self.bu[torch.as_tensor(u)].numpy()
+        return self.bu[torch.as_tensor(u)].numpy() * self._scale
 
     def _item_bias(self, i):
-        return self.bi[torch.as_tensor(i)].numpy()
+        return self.bi[torch.as_tensor(i)].numpy() * self._scale

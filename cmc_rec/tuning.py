@@ -62,6 +62,20 @@ class TuneResult:
     def best_row(self) -> dict:
         return next(r for r in self.rows if r["params"] == self.best)
 
+    def to_markdown(self) -> str:
+        """One row per grid point (params, validation metrics, fit seconds); the chosen one marked."""
+        names = list(self.best)
+        head = [*names, "RMSE", "Recall", "NDCG", "coverage", "fit s", "chosen"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in self.rows:
+            cells = [str(r["params"][n]) for n in names] + [
+                "n/a" if np.isnan(r["rmse"]) else f"{r['rmse']:.4f}", f"{r['recall']:.4f}", f"{r['ndcg']:.4f}",
+                f"{r['coverage']:.1%}", f"{r['fit_seconds']:.1f}", "*" if r["params"] == self.best else ""]
+            lines.append("| " + " | ".join(cells) + " |")
+        return f"chosen by validation {self.metric}: {self.best}\n\n" + "\n".join(lines)
+
+    __str__ = to_markdown
+
 
 def tune(factory: Callable[..., object], grid: dict[str, list], train, fraction: float = 0.1, seed: int = 0,
          metric: str = "ndcg", k: int = 10, split: tuple[Ratings, Ratings] | None = None) -> TuneResult:

@@ -7,12 +7,9 @@ import zipfile
 
 import numpy as np
 import pytest
+from cmc_testdata import needs_douban, needs_ml100k
 
 from cmc_rec import data as D
-
-ML100K = D.DEFAULT_DATA_ROOT / "ml-100k"
-MONTI = D.DEFAULT_DATA_ROOT / "monti"
-needs_ml100k = pytest.mark.skipif(not (ML100K / "u.data").is_file(), reason=f"MovieLens 100K not at {ML100K}")
 
 
 def test_ratings_from_array_dataframe_and_errors():
@@ -94,7 +91,7 @@ def test_movielens_100k_official_splits():
     assert not pairs_tr & set(zip(te.users.tolist(), te.items.tolist()))
 
 
-@pytest.mark.skipif(not (MONTI / "douban" / "training_test_dataset.mat").is_file(), reason=f"Monti data not at {MONTI}")
+@needs_douban
 def test_monti_douban_matches_published_counts():
     pytest.importorskip("h5py")
     tr, te = D.load_monti("douban")

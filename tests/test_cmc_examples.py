@@ -8,15 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from cmc_rec.data import data_root
+from cmc_testdata import needs_ml100k
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (data_root() / "ml-100k" / "u1.base").is_file(),
-                    reason=f"MovieLens 100K not at {data_root() / 'ml-100k'}")
+@needs_ml100k
 def test_example_smoke_runs():
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     out = subprocess.run([sys.executable, str(ROOT / "examples" / "cmc_movielens.py"), "--smoke"],

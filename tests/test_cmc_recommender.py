@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from cmc_testdata import needs_ml100k
 
 from cmc_rec import MeanRecommender, SVDRecommender
-from cmc_rec.data import data_root, load_movielens_100k_split, random_split
+from cmc_rec.data import load_movielens_100k_split, random_split
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors (tests/conftest.py)
 
@@ -91,7 +92,7 @@ def test_not_fitted_and_bad_config_errors():
         MeanRecommender().fit(np.zeros((0, 3)))
 
 
-@pytest.mark.skipif(not (data_root() / "ml-100k" / "u1.base").is_file(), reason="MovieLens 100K not present")
+@needs_ml100k
 def test_surprise_like_svd_on_ml100k_u1():
     train, test = load_movielens_100k_split("u1")
     svd = SVDRecommender(n_epochs=5, seed=0).fit(train)  # a short run: Surprise's defaults otherwise
