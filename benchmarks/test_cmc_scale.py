@@ -37,8 +37,14 @@ from cmc_rec import CMCConfig, CMCRecommender, RankingConfig
 n = int(sys.argv[1]); n_users = max(10, n // {per_user}); n_items = max(1000, int(n * {per_item}))
 rng = np.random.default_rng(0)
 t0 = time.perf_counter()
-users = rng.integers(0, n_users, n)  # ~{per_user} ratings a user
-items = (rng.random(n) ** 3 * n_items).astype(np.int64)  # skewed: low ids popular, as in real catalogs
+codes = np.empty(0, np.int64)  # n distinct (user, item) pairs (a model refuses repeated pairs)
+while len(codes) < n:
+    users = rng.integers(0, n_users, n)  # ~{per_user} ratings a user
+    items = (rng.random(n) ** 3 * n_items).astype(np.int64)  # skewed: low ids popular, as in real catalogs
+    codes = np.concatenate([codes, users * n_items + items])
+    codes = codes[np.sort(np.unique(codes, return_index=True)[1])]  # first draw of each pair, in draw order
+codes = codes[:n]
+users, items = codes // n_items, codes % n_items
 ratings = rng.integers(1, 6, n).astype(np.float32)
 data = np.stack([users, items, ratings], 1)
 gen_s = time.perf_counter() - t0

@@ -131,9 +131,10 @@ class Ratings:
         last = len(codes) - 1 - np.unique(codes, return_index=True)[1]
         return self.subset(np.sort(last))
 
-    def check_unique_pairs(self) -> Ratings:
-        """Return self, or raise naming the first repeated (user, item) pair and how to resolve it."""
-        dup = self.duplicates()
+    def check_unique_pairs(self, repeated: np.ndarray | None = None) -> Ratings:
+        """Return self, or raise naming the first repeated (user, item) pair and how to resolve it
+        (``repeated``: the indices :meth:`duplicates` returns, when the caller has them already)."""
+        dup = self.duplicates() if repeated is None else np.sort(repeated)
         if len(dup):
             j = int(dup[0])
             raise ValueError(

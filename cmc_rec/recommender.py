@@ -46,7 +46,7 @@ class BaseRecommender:
     # -- fitting ---------------------------------------------------------------------------
     def fit(self, ratings) -> BaseRecommender:
         """Fit on an (n, 3) array, a DataFrame (user, item, rating) or :class:`Ratings`; returns self."""
-        data = Ratings.from_any(ratings).check_unique_pairs()
+        data = Ratings.from_any(ratings)
         if len(data) == 0:
             raise ValueError("cannot fit on zero ratings (the data set is empty)")
         self.user_map, self.item_map = IdMap(data.users), IdMap(data.items)
@@ -55,7 +55,9 @@ class BaseRecommender:
         r = data.ratings.astype(np.float32)
         self.global_mean = float(r.mean())
         self.rating_range = (float(r.min()), float(r.max()))
-        order = np.lexsort((i, u))  # CSR of seen items per user
+        order = np.lexsort((i, u))  # CSR of seen items per user; stable: a repeat follows its first
+        su, si = u[order], i[order]
+        data.check_unique_pairs(order[1:][(su[1:] == su[:-1]) & (si[1:] == si[:-1])])
         self._seen_indptr = np.concatenate([[0], np.cumsum(np.bincount(u, minlength=len(self.user_map)))])
         self._seen_items = i[order]
         try:
