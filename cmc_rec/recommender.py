@@ -45,19 +45,23 @@ class BaseRecommender:
 
     # -- fitting ---------------------------------------------------------------------------
     def fit(self, ratings) -> BaseRecommender:
-        """Fit on an (n, 3) array, a DataFrame (user, item, rating) or :class:`Ratings`; returns self."""
+        """Fit on an (n, 3) array, a DataFrame (user, item, rating) or :class:`Ratings`; returns self.
+
+        Refuses an empty data set and repeated (user, item) pairs; raises ``FloatingPointError``
+        if the fitted model scores NaN / inf (the model is then left unfitted).
+        """
         data = Ratings.from_any(ratings)
         if len(data) == 0:
             raise ValueError("cannot fit on zero ratings (the data set is empty)")
-        self.user_map, self.item_map = IdMap(data.users), IdMap(data.items)
-        u = self.user_map.to_index(data.users)
-        i = self.item_map.to_index(data.items)
-        r = data.ratings.astype(np.float32)
-        self.global_mean = float(r.mean())
-        self.rating_range = (float(r.min()), float(r.max()))
+        user_map, item_map = IdMap(data.users), IdMap(data.items)
+        u, i = user_map.to_index(data.users), item_map.to_index(data.items)
         order = np.lexsort((i, u))  # CSR of seen items per user; stable: a repeat follows its first
         su, si = u[order], i[order]
         data.check_unique_pairs(order[1:][(su[1:] == su[:-1]) & (si[1:] == si[:-1])])
+        r = data.ratings.astype(np.float32)
+        self.user_map, self.item_map = user_map, item_map
+        self.global_mean = float(r.mean())
+        self.rating_range = (float(r.min()), float(r.max()))
         self._seen_indptr = np.concatenate([[0], np.cumsum(np.bincount(u, minlength=len(self.user_map)))])
         self._seen_items = i[order]
         try:
@@ -140,17 +144,15 @@ class BaseRecommender:
             s = fallback.expand(len(u), -1).clone()  # (B, I)
             if known.any():
                 s[torch.as_tensor(known)] = torch.as_tensor(self._score_all(u[known]), dtype=torch.float32)
-            top = torch.topk(s, k_eff, dim=1) if not (exclude_seen and known.any()) else None
-            if top is None:
+            n_unseen = np.full(len(u), self.n_items)  # (B,)
+            if exclude_seen and known.any():
                 rows, cols = self._seen_pairs(u)
                 s[rows, cols] = -torch.inf
-                top = torch.topk(s, k_eff, dim=1)
-                n_unseen = self.n_items - np.bincount(rows.numpy(), minlength=len(u))  # (B,)
-                pad = np.arange(k_eff)[None, :] >= n_unseen[:, None]  # (B, k): seen items, not recommendations
-                top.indices[torch.as_tensor(pad)] = -1
-                top.values[torch.as_tensor(pad)] = -torch.inf
-            ids[start : start + len(u)] = top.indices.numpy()
-            scores[start : start + len(u)] = top.values.numpy()
+                n_unseen -= np.bincount(rows.numpy(), minlength=len(u))
+            top = torch.topk(s, k_eff, dim=1)
+            pad = np.arange(k_eff)[None, :] >= n_unseen[:, None]  # (B, k): past the unseen items
+            ids[start : start + len(u)] = np.where(pad, -1, top.indices.numpy())
+            scores[start : start + len(u)] = np.where(pad, -np.inf, top.values.numpy())
         pad = ids < 0
         raw = self.item_map.to_raw(np.where(pad, 0, ids))
         if pad.any():

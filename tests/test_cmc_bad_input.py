@@ -26,6 +26,7 @@ from cmc_rec import (
     evaluate,
     info_nce,
     temperature_sweep,
+    tune,
 )
 from cmc_rec import data as D
 from cmc_rec.model import ContrastiveMatrixModel
@@ -277,6 +278,11 @@ def test_repeated_pairs_are_refused_not_summed_and_deduplicate_keeps_the_last():
     for make in (MeanRecommender, lambda: KernelAutoencoderRecommender(AutoencoderConfig(hidden=4, epochs=1))):
         with pytest.raises(ValueError, match=r"1 repeated \(user, item\) pairs, e\.g\. user 1, item 10 .*deduplicate"):
             make().fit(rows)
+    model = MeanRecommender()
+    with pytest.raises(ValueError, match="repeated"):
+        model.fit(rows)
+    with pytest.raises(RuntimeError, match="not fitted"):  # a refused fit leaves nothing half-fitted
+        model.recommend([1], k=1)
     once = Ratings.from_any(rows).deduplicate()
     assert once.users.tolist() == [2, 1, 2] and once.items.tolist() == [10, 10, 11] and once.ratings.tolist() == [3, 5, 1]
     model = KernelAutoencoderRecommender(AutoencoderConfig(hidden=4, num_hidden_layers=1, epochs=2)).fit(once)
@@ -317,6 +323,10 @@ def test_training_reports_early_stopping_and_prints_tables(caplog):
     assert table.splitlines()[0].startswith("| RMSE | MAE | Recall@3") and len(table.splitlines()) == 3
     ease = str(evaluate(EASE(reg=1.0).fit(data), data, data, k=3))
     assert ease.splitlines()[2].startswith("| n/a | n/a |")
+    tuned = tune(MeanRecommender, {"reg_user": [1.0, 50.0]}, data, k=3, metric="rmse")
+    lines = str(tuned).splitlines()
+    assert lines[0] == f"chosen by validation rmse: {tuned.best}" and lines[2].startswith("| reg_user | RMSE |")
+    assert sum(line.endswith("| * |") for line in lines) == 1 and len(lines) == 6
 
 
 def test_cmc_fit_shows_progress_of_each_part_and_the_autoencoder_early_stop(capsys, caplog):
