@@ -37,6 +37,7 @@ def attention_mass(
     with_positions: bool = False,
     scale: float | None = None,
     keys_from: int = 0,
+    keys_to: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Cross-attention probability mass each token receives, computed in chunks of image positions.
 
@@ -51,27 +52,29 @@ def attention_mass(
         chunk_elems: size of one (B, H, chunk, L) probability block.
         with_positions: also return the per-position map (summed over heads).
         scale: logit scale; default 1/sqrt(d), what F.scaled_dot_product_attention uses.
-        keys_from: the softmax runs over every key, but only the keys from this index on are
-            returned (joint attention: image keys first, then the text keys that are scored).
+        keys_from, keys_to: the softmax runs over every key, but only the keys ``keys_from:keys_to``
+            are returned (joint attention: the text keys that are scored, after the image keys in
+            SD3, before them in Flux).
 
     Returns:
-        mass: (B, L - keys_from) mean probability per token over heads and positions (each row
-            sums to 1 when keys_from is 0).
-        per_position: (B, N, L - keys_from) probabilities summed over heads, or None.
+        mass: (B, L') mean probability per token over heads and positions, L' the returned keys
+            (each row sums to 1 when every key is returned).
+        per_position: (B, N, L') probabilities summed over heads, or None.
     """
     B, H, N, d = query.shape  # (B, H, N, d)
     L = key.shape[-2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     key_t = key.float().transpose(-1, -2)  # (B, H, d, L)
     step = max(1, chunk_elems // max(1, B * H * L))
-    mass = torch.zeros(B, L - keys_from, dtype=torch.float32, device=query.device)  # (B, L')
+    keys = slice(keys_from, L if keys_to is None else keys_to)
+    mass = torch.zeros(B, keys.stop - keys.start, dtype=torch.float32, device=query.device)  # (B, L')
     per_position = [] if with_positions else None
     for s in range(0, N, step):
         logits = (query[:, :, s : s + step].float() @ key_t) * scale  # (B, H, c, L)
         if attn_bias is not None:
             bias = attn_bias if attn_bias.shape[-2] == 1 else attn_bias[..., s : s + step, :]
             logits = logits + bias.float()  # (B, H, c, L)
-        probs_h = logits.softmax(dim=-1)[..., keys_from:].sum(dim=1)  # (B, c, L')
+        probs_h = logits.softmax(dim=-1)[..., keys].sum(dim=1)  # (B, c, L')
         mass += probs_h.sum(dim=1)  # (B, L)
         if per_position is not None:
             per_position.append(probs_h)
