@@ -226,7 +226,7 @@ def call_pairs(transformer_cfg: dict, size: int, pairs: int, prompt: str = SHORT
     valid = torch.stack([torch.arange(n) < len(k) for k in keep])
     short = text.gather(1, index[..., None].expand(-1, -1, text.shape[-1]))
     inputs = {"full": dict(encoder_hidden_states=text, joint_attention_kwargs=None),
-              "kept": dict(encoder_hidden_states=short, joint_attention_kwargs=None if bool(valid.all()) else {"text_key_mask": valid})}
+              "kept": dict(encoder_hidden_states=short, joint_attention_kwargs=None if bool(valid.all()) else {"text_key_bias": torch.zeros(valid.shape).masked_fill(~valid, float("-inf"))})}
     if family == "flux":
         inputs["full"]["txt_ids"], inputs["kept"]["txt_ids"] = txt_ids, txt_ids[:n]
     apply_token_pruning(pipe, threshold=0.0)  # the pruning processors (no plan outside a generation: no scoring)

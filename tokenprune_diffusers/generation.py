@@ -133,13 +133,17 @@ class GenerationState:
         return self.index[-batch:], None if self.valid is None else self.valid[-batch:]
 
     def accumulate(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, config: TokenPruneConfig,
-                   scale: float | None = None, text_from: int = 0, text_to: int | None = None) -> None:
+                   scale: float | None = None, text_from: int = 0, text_to: int | None = None,
+                   spread: Any = None) -> None:
         """Add one layer's attention mass (and per-position maps) to the scores; only the keys
-        ``text_from:text_to`` are text (the others are the image keys of joint attention)."""
+        ``text_from:text_to`` are text (the others are the image keys of joint attention).
+        ``spread`` maps per-key masses (..., K) of a gathered text stream back to its L positions."""
         rep = self.report
         hw = _map_shape(query.shape[2], self.info.latent_hw) if config.record_maps else None
         mass, per_pos = attention_mass(query, key, mask, config.score_chunk, with_positions=hw is not None, scale=scale,
                                        keys_from=text_from, keys_to=text_to)
+        if spread is not None:
+            mass, per_pos = spread(mass), (spread(per_pos) if per_pos is not None else None)
         rep.mass += mass
         rep.scored_layers += 1
         if per_pos is not None:

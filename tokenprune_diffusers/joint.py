@@ -2,8 +2,9 @@
 
 :class:`JointTokenPruneProcessor` is ``JointAttnProcessor2_0`` (SD3: image keys first, then text);
 :class:`FluxTokenPruneProcessor` is ``FluxAttnProcessor`` (Flux: text keys first, then image). Each
-adds two things, marked ``# ---``: the text key mask of the padded slots of rows that keep fewer
-text positions (the stock processors take none), and, on the warm-up calls, the scoring of each
+adds two things, marked ``# ---``: the text key bias (``-inf`` on the padded slots of rows that
+keep fewer text positions, ``log(m)`` on a position standing for m identical ones; the stock
+processors take none), and, on the warm-up calls, the scoring of each
 text key by the attention mass the image queries give it (``pruning.score``). ``pruning`` is the
 :class:`~tokenprune_diffusers.mmdit.MMDiTTokenPruning` that installed them.
 """
@@ -21,24 +22,24 @@ from diffusers.models.embeddings import apply_rotary_emb
 __all__ = ["JointTokenPruneProcessor", "FluxTokenPruneProcessor", "key_bias"]
 
 
-def key_bias(text_key_mask: torch.Tensor | None, image_len: int, text_first: bool, dtype: torch.dtype) -> torch.Tensor | None:
-    """Additive (B, 1, 1, S) bias that masks the padded text slots as keys; None when nothing is masked.
+def key_bias(text_key_bias: torch.Tensor | None, image_len: int, text_first: bool, dtype: torch.dtype) -> torch.Tensor | None:
+    """Additive (B, 1, 1, S) bias over the joint sequence's keys; None when there is none.
 
     Args:
-        text_key_mask: (B, K) bool, False on the padded slots, or None.
-        image_len: N image positions of the joint sequence.
+        text_key_bias: (B, K) additive bias of the text keys (``-inf`` on the padded slots of rows
+            that keep fewer positions, ``log(m)`` on a position standing for m identical ones), or None.
+        image_len: N image positions of the joint sequence (bias 0).
         text_first: the sequence is text then image (Flux), else image then text (SD3).
     """
-    if text_key_mask is None:
+    if text_key_bias is None:
         return None
-    image = torch.ones(text_key_mask.shape[0], image_len, dtype=torch.bool, device=text_key_mask.device)
-    keys = torch.cat([text_key_mask, image] if text_first else [image, text_key_mask], dim=1)  # (B, S)
-    bias = torch.zeros(keys.shape, dtype=dtype, device=keys.device).masked_fill(~keys, float("-inf"))
-    return bias[:, None, None, :]
+    image = torch.zeros(text_key_bias.shape[0], image_len, dtype=dtype, device=text_key_bias.device)
+    text = text_key_bias.to(dtype)
+    return torch.cat([text, image] if text_first else [image, text], dim=1)[:, None, None, :]
 
 
 class JointTokenPruneProcessor:
-    """``JointAttnProcessor2_0`` with two marked additions: the text key mask of padded slots, and
+    """``JointAttnProcessor2_0`` with two marked additions: the text key bias, and
     scoring on the warm-up calls. One instance serves every joint attention layer."""
 
     def __init__(self, pruning: Any) -> None:
@@ -50,7 +51,7 @@ class JointTokenPruneProcessor:
         hidden_states: torch.FloatTensor,
         encoder_hidden_states: torch.FloatTensor = None,
         attention_mask: torch.FloatTensor | None = None,
-        text_key_mask: torch.Tensor | None = None,
+        text_key_bias: torch.Tensor | None = None,
         *args,
         **kwargs,
     ) -> torch.FloatTensor:
@@ -101,9 +102,9 @@ class JointTokenPruneProcessor:
             key = torch.cat([key, encoder_hidden_states_key_proj], dim=2)
             value = torch.cat([value, encoder_hidden_states_value_proj], dim=2)
 
-            # --- masking: the padded text slots of rows that keep fewer tokens are no keys
-            mask = text_key_mask.to(query.device) if text_key_mask is not None else None
-            bias = key_bias(mask, residual.shape[1], False, query.dtype)  # (B, 1, 1, N + K) or None
+            # --- text key bias: padded slots of rows that keep fewer tokens are no keys; merged positions count m times
+            text_bias = text_key_bias.to(query.device) if text_key_bias is not None else None
+            bias = key_bias(text_bias, residual.shape[1], False, query.dtype)  # (B, 1, 1, N + K) or None
 
             # --- scoring (warm-up calls only): the mass image queries give each text key
             plan = self.pruning.current_plan
@@ -137,7 +138,7 @@ class JointTokenPruneProcessor:
 
 
 class FluxTokenPruneProcessor:
-    """``FluxAttnProcessor`` with two marked additions: the text key mask of padded slots, and
+    """``FluxAttnProcessor`` with two marked additions: the text key bias, and
     scoring on the warm-up calls (in the double-stream blocks, where text and image are separate
     streams). In the single-stream blocks the sequence arrives concatenated, text first; its text
     length is the running call's (``pruning.text_length``). One instance serves every block."""
@@ -155,7 +156,7 @@ class FluxTokenPruneProcessor:
         encoder_hidden_states: torch.Tensor = None,
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: torch.Tensor | None = None,
-        text_key_mask: torch.Tensor | None = None,
+        text_key_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         query, key, value, encoder_query, encoder_key, encoder_value = _qkv_projections(
             attn, hidden_states, encoder_hidden_states
@@ -184,12 +185,12 @@ class FluxTokenPruneProcessor:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
-        # --- masking: the padded text slots of rows that keep fewer tokens are no keys
+        # --- text key bias: padded slots of rows that keep fewer tokens are no keys; merged positions count m times
         text_len = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else self.pruning.text_length
-        if text_key_mask is not None:
+        if text_key_bias is not None:
             if attention_mask is not None:
-                raise ValueError("token pruning on Flux cannot combine its text key mask with an attention_mask")
-            attention_mask = key_bias(text_key_mask.to(query.device), query.shape[1] - text_len, True, query.dtype)
+                raise ValueError("token pruning on Flux cannot combine its text key bias with an attention_mask")
+            attention_mask = key_bias(text_key_bias.to(query.device), query.shape[1] - text_len, True, query.dtype)
 
         # --- scoring (warm-up calls, double-stream blocks): the mass image queries give each text key
         plan = self.pruning.current_plan

@@ -29,7 +29,7 @@ from .clock import CallInfo, attach_clock, detach_clock, get_clock
 from .config import TokenPruneConfig
 from .generation import GenerationFollower
 from .joint import FluxTokenPruneProcessor, JointTokenPruneProcessor
-from .scoring import gather_rows
+from .scoring import TextStream, gather_rows, text_stream
 
 __all__ = [
     "MMDiTTokenPruning",
@@ -81,6 +81,7 @@ class MMDiTTokenPruning(GenerationFollower):
         self.originals: dict[str, Any] | None = None
         self.clock = None
         self.text_length: int | None = None  # text positions of the running call (after pruning)
+        self.stream: TextStream | None = None  # the running call's gathered text positions (None: all)
         self.denoiser: weakref.ref | None = None  # the transformer (its cache hooks are reset when the text shortens)
         self._text: tuple | None = None  # (generation, identity of its text tensor)
 
@@ -91,6 +92,7 @@ class MMDiTTokenPruning(GenerationFollower):
         gen = self._follow(info)
         text = kwargs.get("encoder_hidden_states") if kwargs is not None else None  # (B, L, D)
         self.text_length = text.shape[1] if isinstance(text, torch.Tensor) else None
+        self.stream = None
         if not isinstance(text, torch.Tensor):
             if len(args) > 1:
                 self._warn_once("positional", "the transformer was called with encoder_hidden_states by position: "
@@ -103,23 +105,47 @@ class MMDiTTokenPruning(GenerationFollower):
                 and info.num_calls is not None:
             self._warn_once("roles", "token pruning does not know the token ids of this batch (prompt_embeds given?): "
                                      "only position 0 (the start token) is protected")
-        index, valid = gen.kept(text.shape[0])
-        if index is None:
+        stream = self._stream(gen, text)
+        self.stream = stream
+        if stream is None:
             return
+        index = stream.index
         txt_ids = kwargs.get("txt_ids")  # (L, 3) Flux's text positions for the rotary embedding
         if isinstance(txt_ids, torch.Tensor):
             if not bool((txt_ids == txt_ids[:1]).all()) and not bool((index == index[:1]).all()):
                 self._warn_once("txt_ids", "the text positions (txt_ids) differ and the rows keep different tokens: "
                                            "token pruning cannot shorten one txt_ids for every row and prunes nothing")
                 gen.stop()
+                self.stream = None
                 return
             kwargs["txt_ids"] = txt_ids[index[0].to(txt_ids.device)]  # (K, 3)
         kwargs["encoder_hidden_states"] = gather_rows(text, index)  # (B, K, D): every block runs on K text positions
         self.text_length = index.shape[1]
-        if valid is not None:
+        if stream.bias is not None:
             extra = dict(kwargs.get("joint_attention_kwargs") or {})
-            extra["text_key_mask"] = valid  # (B, K) False on the padded slots of shorter rows
+            extra["text_key_bias"] = stream.bias  # (B, K): -inf on padded slots, log(m) on merged positions
             kwargs["joint_attention_kwargs"] = extra
+
+    def _stream(self, gen: Any, text: torch.Tensor) -> TextStream | None:
+        """The text positions this call runs on (None: all of them, as stock): the kept ones, with
+        SD3's identical zero T5 positions merged into one (``merge_zeros``)."""
+        B, L = text.shape[:2]
+        index, valid = gen.kept(B)
+        keep = None
+        if index is not None:  # (B, L) bool from the gathered positions (padded slots repeat a kept one)
+            hits = torch.ones_like(index) if valid is None else valid.long()
+            keep = torch.zeros(B, L, dtype=torch.long, device=index.device).scatter_add_(1, index, hits) > 0
+        zeros = None
+        if self.family.zero_tail and self.config.merge_zeros:
+            zeros = (text == 0).all(dim=-1).to(index.device if index is not None else text.device)  # (B, L)
+            if keep is not None:
+                zeros &= keep
+            if not bool((zeros.sum(1) > 1).any()):
+                zeros = None
+        if zeros is None and keep is None:
+            return None
+        identical = zeros if zeros is not None else torch.zeros(B, L, dtype=torch.bool, device=keep.device)
+        return text_stream(identical, keep)
 
     def on_call_end(self, info: CallInfo) -> None:
         """After the last warm-up call, decide the kept tokens; when the text stream shortens, reset
@@ -138,7 +164,8 @@ class MMDiTTokenPruning(GenerationFollower):
               text_from: int, text_to: int | None = None) -> None:
         """Warm-up: add the mass the image queries (B, H, N, d) give each text key; ``key`` is
         (B, H, S, d) over the joint sequence, its text keys ``text_from:text_to``."""
-        self._gen.accumulate(image_query, key, bias, self.config, text_from=text_from, text_to=text_to)
+        spread = self.stream.scatter if self.stream is not None else None
+        self._gen.accumulate(image_query, key, bias, self.config, text_from=text_from, text_to=text_to, spread=spread)
 
     def _other_text(self, info: CallInfo, text: torch.Tensor, kwargs: dict) -> bool:
         """The transformer got another text tensor in the middle of a generation (FluxPipeline's true
