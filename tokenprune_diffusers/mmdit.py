@@ -130,6 +130,8 @@ class MMDiTTokenPruning(GenerationFollower):
         """The text positions this call runs on (None: all of them, as stock): the kept ones, with
         SD3's identical zero T5 positions merged into one (``merge_zeros``)."""
         B, L = text.shape[:2]
+        if gen.stopped or gen.schedule is None:  # an unforeseen or unknown generation computes as stock
+            return None
         index, valid = gen.kept(B)
         keep = None
         if index is not None:  # (B, L) bool from the gathered positions (padded slots repeat a kept one)
