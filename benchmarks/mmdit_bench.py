@@ -352,12 +352,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--pairs", type=int, default=5, help="interleaved single-call pairs (0: none)")
     ap.add_argument("--prompts", choices=("short", "long", "both"), default="both")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     ap.add_argument("--out", default=None, help="write results .json and .md with this path prefix")
     args = ap.parse_args(argv)
     cfg = ARCHITECTURES[args.family]
+    where = dict(device=args.device, dtype=getattr(torch, args.dtype))
     prompts = {"short": (SHORT_PROMPT,), "long": (LONG_PROMPT,), "both": (SHORT_PROMPT, LONG_PROMPT)}[args.prompts]
-    results = [run(cfg, size, args.steps, args.repeats, prompt, family=args.family) for size in args.size for prompt in prompts]
-    pairs = [call_pairs(cfg, size, args.pairs, family=args.family) for size in args.size] if args.pairs else []
+    results = [run(cfg, size, args.steps, args.repeats, prompt, family=args.family, **where) for size in args.size for prompt in prompts]
+    pairs = [call_pairs(cfg, size, args.pairs, family=args.family, **where) for size in args.size] if args.pairs else []
     md = to_markdown(results) + "".join(pairs_markdown(p) for p in pairs)
     print(md)
     if args.out:
