@@ -9,6 +9,7 @@ import torch
 pytest.importorskip("diffusers")
 
 from diffusers.models.attention_processor import JointAttnProcessor2_0  # noqa: E402
+from mmdit_helpers import PROMPT, generate, text_lengths  # noqa: E402
 
 from tokenprune_diffusers import (  # noqa: E402
     TokenPruneProcessor,
@@ -17,8 +18,6 @@ from tokenprune_diffusers import (  # noqa: E402
     remove_token_pruning,
 )
 from tokenprune_diffusers.scoring import PADDING  # noqa: E402
-
-PROMPT = "a cat wearing a red hat"
 
 
 @pytest.fixture(scope="module")
@@ -32,17 +31,6 @@ def pipe():
 def clean(pipe):
     yield
     remove_token_pruning(pipe)
-
-
-def generate(pipe, prompt=PROMPT, steps=5, **kw):
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        return pipe(prompt, num_inference_steps=steps, generator=g, height=32, width=32, output_type="np", **kw).images
-
-
-def text_lengths(pipe):
-    lengths = []
-    return lengths, pipe.transformer.context_embedder.register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
 
 
 @pytest.mark.parametrize("options", [dict(threshold=0.0), dict(threshold=0.9, warmup=1.0)], ids=["threshold0", "warmup1"])
