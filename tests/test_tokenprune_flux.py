@@ -50,7 +50,7 @@ def test_the_text_stream_and_its_positions_are_shortened_from_the_first_pruned_c
     generate(pipe)
     h.remove(), h2.remove()
     rep = proc.report
-    assert rep.prune_start == 1 and lengths == [512] + [3] * 4 and seen == [512] + [3] * 4
+    assert rep.prune_start == 1 and lengths == [7] + [3] * 4 and seen == [7] + [3] * 4  # padding="drop": no padding from call 0
     # T5's layout: no start token, </s> after the words (kept), <pad> after it (padding)
     assert rep.tokens[0][:7] == ["a", "cat", "wearing", "a", "red", "hat", "</s>"]
     assert rep.roles[0, 6] == SPECIAL and (rep.roles[0, 7:] == PADDING).all() and (rep.roles[0, :6] != SPECIAL).all()
@@ -160,7 +160,7 @@ def test_composes_with_diffusers_first_block_cache(pipe):
         cached = generate(pipe, steps=6)
         apply_token_pruning(pipe, threshold=0.0)
         np.testing.assert_array_equal(generate(pipe, steps=6), cached)
-        proc = apply_token_pruning(pipe, top_k=2, padding="drop", warmup=0.34)
+        proc = apply_token_pruning(pipe, top_k=2, warmup=0.34)  # padding scored: full-length warm-up calls
         lengths, h = text_lengths(pipe)
         image = generate(pipe, steps=6)
         h.remove()
@@ -168,3 +168,19 @@ def test_composes_with_diffusers_first_block_cache(pipe):
         assert np.isfinite(image).all() and start >= 2 and lengths == [512] * start + [3] * (6 - start)
     finally:
         pipe.transformer.disable_cache()
+
+
+def test_padding_drop_leaves_the_padding_out_from_the_first_call(pipe):
+    """With padding="drop" the decision always drops the padding, so the warm-up calls run without
+    it too (a warm-up full-length call would cost the most on Flux, where T5 pads to 512)."""
+    proc = apply_token_pruning(pipe, top_k=2, padding="drop", warmup=0.4)
+    lengths, h = text_lengths(pipe)
+    generate(pipe)
+    h.remove()
+    assert proc.report.prune_start == 2 and lengths == [7] * 2 + [3] * 3  # 6 words + </s>, then 2 words + </s>
+    assert (proc.report.mass[0, 7:] == 0).all() and (proc.report.mass[0, :7] > 0).all()
+    apply_token_pruning(pipe, top_k=2, padding="drop", warmup=1.0)  # never prunes: nothing is dropped either
+    lengths, h = text_lengths(pipe)
+    generate(pipe, steps=2)
+    h.remove()
+    assert lengths == [512] * 2

@@ -83,7 +83,7 @@ def test_the_text_stream_is_shortened_from_the_first_pruned_call(pipe):
     generate(pipe)
     h.remove()
     rep = proc.report
-    assert rep.prune_start == 1 and lengths == [78] + [4] * 4  # 77 CLIP + the 256 zero T5 positions as one, then 4
+    assert rep.prune_start == 1 and lengths == [8] + [4] * 4  # padding="drop": start, 6 words, end from call 0; then 4
     assert rep.steps[-1].kept_counts == [2, 4]  # the empty negative prompt: start + end; the prompt: + 2 words
     assert (rep.roles[:, 77:] == PADDING).all() and rep.tokens[1][77] == "<zero>"
     assert rep.prompts == ["", PROMPT] and len(rep.kept_words(1)) == 4

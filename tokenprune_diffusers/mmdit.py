@@ -29,7 +29,7 @@ from .clock import CallInfo, attach_clock, detach_clock, get_clock
 from .config import TokenPruneConfig
 from .generation import GenerationFollower
 from .joint import FluxTokenPruneProcessor, JointTokenPruneProcessor
-from .scoring import TextStream, gather_rows, text_stream
+from .scoring import PADDING, TextStream, gather_rows, text_stream
 
 __all__ = [
     "MMDiTTokenPruning",
@@ -127,8 +127,9 @@ class MMDiTTokenPruning(GenerationFollower):
             kwargs["joint_attention_kwargs"] = extra
 
     def _stream(self, gen: Any, text: torch.Tensor) -> TextStream | None:
-        """The text positions this call runs on (None: all of them, as stock): the kept ones, with
-        SD3's identical zero T5 positions merged into one (``merge_zeros``)."""
+        """The text positions this call runs on (None: all of them, as stock): the kept ones (before
+        the decision, with ``padding="drop"``, every position but the padding, which the decision
+        drops anyway), with SD3's identical zero T5 positions merged into one (``merge_zeros``)."""
         B, L = text.shape[:2]
         if gen.stopped or gen.schedule is None:  # an unforeseen or unknown generation computes as stock
             return None
@@ -137,6 +138,8 @@ class MMDiTTokenPruning(GenerationFollower):
         if index is not None:  # (B, L) bool from the gathered positions (padded slots repeat a kept one)
             hits = torch.ones_like(index) if valid is None else valid.long()
             keep = torch.zeros(B, L, dtype=torch.long, device=index.device).scatter_add_(1, index, hits) > 0
+        elif self.config.padding == "drop" and gen.schedule.prune_start is not None and gen.report.roles is not None:
+            keep = gen.report.roles[-B:].to(text.device) != PADDING  # padding is dropped anyway: from the first call
         zeros = None
         if self.family.zero_tail and self.config.merge_zeros:
             zeros = (text == 0).all(dim=-1).to(index.device if index is not None else text.device)  # (B, L)
