@@ -1,5 +1,9 @@
-"""Token pruning on an MM-DiT, measured: an SD3-medium-width transformer (random weights, reduced
-depth) in a StableDiffusion3Pipeline with the T5 slot empty, stock vs pruning, interleaved.
+"""Token pruning on an MM-DiT, measured: SD3-medium-width and Flux-width transformers (random weights,
+reduced depth) in their diffusers pipelines, stock vs pruning, interleaved.
+
+- SD3: ``StableDiffusion3Pipeline`` with the T5 slot empty (77 CLIP + 256 zero positions), CFG batch 2.
+- Flux: ``FluxPipeline`` with a T5-shaped text stream of 512 positions (the pipeline's default), no
+  CFG (guidance-distilled, as FLUX.1-dev), batch 1.
 
 Random weights attend almost uniformly, so their scores say nothing about which tokens matter; the
 speed depends only on how many text positions are kept. The pruned rows therefore keep exactly the
@@ -7,19 +11,23 @@ prompt's own tokens (``top_k`` = the number of words, ``padding="drop"``): start
 end-of-text of every row, what the defaults' ``padding="drop"`` keeps. Which tokens the defaults keep
 on trained weights is for the toy MM-DiT.
 
-    python benchmarks/mmdit_bench.py --size 512 --steps 20 --repeats 3
+    python benchmarks/mmdit_bench.py --family sd3 --size 512 --steps 20 --repeats 3
+    python benchmarks/mmdit_bench.py --family flux --size 512 --steps 20 --repeats 2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 # SD3-medium's published transformer widths (24 heads x 64 = 1536, T5 width 4096); depth reduced
 SD3_MEDIUM = dict(
@@ -30,6 +38,15 @@ SD3_MEDIUM = dict(
 SD3_MEDIUM_DEPTH = 24
 TINY = dict(SD3_MEDIUM, num_layers=1, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=64,
             caption_projection_dim=16, pooled_projection_dim=64)
+# FLUX.1-dev's published transformer widths (24 heads x 128 = 3072, T5 width 4096); depth reduced to
+# 1 double-stream + 2 single-stream blocks, the 19 : 38 ratio of the full model
+FLUX_DEV = dict(
+    patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+)
+FLUX_DEV_DEPTH = (19, 38)
+TINY_FLUX = dict(FLUX_DEV, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                 axes_dims_rope=(4, 4, 8))
 SHORT_PROMPT = "a photo of a cat wearing a red hat"
 LONG_PROMPT = ("a detailed oil painting of an old lighthouse on a rocky cliff at sunset, waves crashing below, "
                "seagulls in an orange sky, warm light in the windows, dramatic clouds, highly detailed")
@@ -67,157 +84,287 @@ def sd3_pipeline(transformer_cfg: dict, seed: int = 0):
     return pipe
 
 
-def _call_timer(transformer, calls: list):
+def flux_pipeline(transformer_cfg: dict, seed: int = 0):
+    """FluxPipeline around a seeded random transformer; a one-layer CLIP text encoder (pooled prompt)
+    and a one-layer T5-shaped encoder at the transformer's text width (they run once per generation,
+    the same in every row), a tiny 16-channel VAE (latents are timed, not decoded)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from tokenprune_diffusers.models import TINY_T5_CONFIG, TINY_TEXT_CONFIG, t5_shaped_tokenizer
+    from tokenprune_diffusers.tokenizer import load_clip_tokenizer
+
+    tokenizer_2 = t5_shaped_tokenizer()
+    width = transformer_cfg["joint_attention_dim"]
+    clip_cfg = CLIPTextConfig(**{**TINY_TEXT_CONFIG, "hidden_size": transformer_cfg["pooled_projection_dim"], "num_hidden_layers": 1})
+    t5_cfg = T5Config(vocab_size=len(tokenizer_2), **{**TINY_T5_CONFIG, "d_model": width, "num_layers": 1, "num_heads": 1})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = FluxTransformer2DModel(**transformer_cfg).eval()
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 8, 8, 8),
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            layers_per_block=1, norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False,
+                            shift_factor=0.1159, scaling_factor=0.3611).eval()
+        clip, t5 = CLIPTextModel(clip_cfg).eval(), T5EncoderModel(t5_cfg).eval()
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=clip,
+                        tokenizer=load_clip_tokenizer(), text_encoder_2=t5, tokenizer_2=tokenizer_2, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+PIPELINES = {"sd3": sd3_pipeline, "flux": flux_pipeline}
+
+
+def _prompt_tokens(pipe, family: str, prompt: str) -> int:
+    """Positions the pruned rows keep in the text stream: the prompt's words and its special tokens."""
+    if family == "flux":
+        return len(pipe.tokenizer_2(prompt).input_ids)  # words + </s>
+    return len(pipe.tokenizer(prompt).input_ids)  # <start> + words + <end>
+
+
+def _call_timer(transformer, calls: list, device: str = "cpu"):
     """(text length, seconds) of every transformer call, measured inside the loop (the length as the
     blocks see it: the context embedder's input, after pruning shortened it)."""
     state = {}
 
     def pre(module, args, kwargs):
+        _sync(device)
         state["t"] = time.perf_counter()
 
     def text(module, args):
         state["n"] = int(args[0].shape[1])
 
     def post(module, args, kwargs, out):
+        _sync(device)
         calls.append((state["n"], time.perf_counter() - state["t"]))
 
     return [transformer.register_forward_pre_hook(pre, with_kwargs=True), transformer.register_forward_hook(post, with_kwargs=True),
             transformer.context_embedder.register_forward_pre_hook(text)]
 
 
-def run(transformer_cfg: dict, size: int, steps: int, repeats: int, prompt: str, seed: int = 0, progress=print) -> dict:
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run(transformer_cfg: dict, size: int, steps: int, repeats: int, prompt: str, seed: int = 0, progress=print,
+        family: str = "sd3", device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+    """Whole denoising loops, interleaved: stock; on SD3 the exact zero merge alone (``warmup=1``:
+    nothing pruned); pruning (with the merge on SD3 during the warm-up). Medians; what each
+    mechanism saved is the ratio of consecutive rows."""
     from tokenprune_diffusers import apply_token_pruning, remove_token_pruning
 
-    pipe = sd3_pipeline(transformer_cfg, seed)
-    n_words = len(pipe.tokenizer(prompt).input_ids) - 2
-    options = dict(top_k=n_words, padding="drop", warmup=0.2)
+    pipe = PIPELINES[family](transformer_cfg, seed).to(device, dtype)
+    n_words = _prompt_tokens(pipe, family, prompt) - (1 if family == "flux" else 2)
+    options = {"merged": dict(warmup=1.0), "pruned": dict(top_k=n_words, padding="drop", warmup=0.2)}
+    configs = ("stock", "merged", "pruned") if family == "sd3" else ("stock", "pruned")
+    guidance = 3.5 if family == "flux" else 7.0  # Flux: the distilled guidance embedding, one row
+    reports = {}
 
     def generate(config: str):
-        proc = apply_token_pruning(pipe, **options) if config == "pruned" else None
-        g = torch.Generator().manual_seed(seed)
+        proc = apply_token_pruning(pipe, **options[config]) if config != "stock" else None
+        g = torch.Generator(device).manual_seed(seed)
+        _sync(device)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            pipe(prompt, num_inference_steps=steps, height=size, width=size, guidance_scale=7.0, generator=g,
+            pipe(prompt, num_inference_steps=steps, height=size, width=size, guidance_scale=guidance, generator=g,
                  output_type="latent")
+        _sync(device)
         seconds = time.perf_counter() - t0
-        kept = proc.report.steps[-1].kept_counts if proc is not None else None
+        if proc is not None:
+            reports[config] = proc.report
         remove_token_pruning(pipe)
-        return seconds, kept
+        return seconds
 
-    generate("stock")  # warm-up, untimed
-    generate("pruned")
-    seconds = {"stock": [], "pruned": []}
-    calls: dict[str, list] = {"stock": [], "pruned": []}
-    kept = None
+    for config in configs:  # warm-up, untimed
+        generate(config)
+    seconds: dict[str, list] = {c: [] for c in configs}
+    calls: dict[str, list] = {c: [] for c in configs}
     for r in range(repeats):
-        for config in ("stock", "pruned") if r % 2 == 0 else ("pruned", "stock"):
-            handles = _call_timer(pipe.transformer, calls[config])
-            s, k = generate(config)
+        for config in configs if r % 2 == 0 else configs[::-1]:
+            handles = _call_timer(pipe.transformer, calls[config], device)
+            seconds[config].append(generate(config))
             for h in handles:
                 h.remove()
-            seconds[config].append(s)
-            kept = k if k is not None else kept
-            progress(f"[{r + 1}/{repeats}] {config}: {s:.2f} s")
-    full_text = max(n for n, _ in calls["stock"])
-    stock_call = statistics.median(t for _, t in calls["stock"])
-    pruned_call = statistics.median(t for n, t in calls["pruned"] if n < full_text)
-    warm = sum(1 for n, _ in calls["pruned"][:steps] if n == full_text)  # full calls of one pruned generation
-    loop = statistics.median(seconds["stock"]) / statistics.median(seconds["pruned"])
-    per_call = stock_call / pruned_call
+            progress(f"[{r + 1}/{repeats}] {config}: {seconds[config][-1]:.2f} s")
+    lengths = {c: sorted({n for n, _ in calls[c]}) for c in configs}  # text positions the blocks saw
+    call_s = {c: statistics.median(t for n, t in calls[c] if n == lengths[c][0]) for c in configs}
+    loop_s = {c: statistics.median(seconds[c]) for c in configs}
+    warm = reports["pruned"].prune_start
+    per_call = call_s["stock"] / call_s["pruned"]
     return {
-        "setup": dict(size=size, steps=steps, repeats=repeats, prompt=prompt, seed=seed, layers=transformer_cfg["num_layers"],
+        "setup": dict(family=family, size=size, steps=steps, repeats=repeats, prompt=prompt, seed=seed, device=device,
+                      dtype=str(dtype), layers=transformer_cfg["num_layers"], single_layers=transformer_cfg.get("num_single_layers", 0),
                       widths={k: transformer_cfg[k] for k in ("num_attention_heads", "attention_head_dim", "joint_attention_dim")},
-                      image_tokens=(size // 8 // transformer_cfg["patch_size"]) ** 2, cfg_batch=2, kept_options=options),
-        "text_tokens": {"stock": full_text, "kept_per_row": kept},
+                      image_tokens=(size // 16) ** 2, batch=1 if family == "flux" else 2, options=options),
+        "text_tokens": {"stock": lengths["stock"][-1], "per_config": lengths,
+                        "kept_per_row": reports["pruned"].steps[-1].kept_counts},
         "loop_seconds": seconds,
-        "loop_speedup": loop,
-        "call_seconds": {"stock": stock_call, "pruned": pruned_call},
+        "loop_median_s": loop_s,
+        "loop_speedup": loop_s["stock"] / loop_s["pruned"],
+        "loop_speedup_merge_only": loop_s["stock"] / loop_s["merged"] if "merged" in loop_s else None,
+        "call_seconds": call_s,
         "call_speedup": per_call,
         "full_calls_per_pruned_generation": warm,
         "loop_bound_from_calls": steps / (warm + (steps - warm) / per_call),
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "machine": platform.machine(), "threads": torch.get_num_threads()},
+                        "machine": platform.machine(), "threads": torch.get_num_threads(),
+                        "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None},
     }
 
 
-def call_pairs(transformer_cfg: dict, size: int, pairs: int, prompt: str = SHORT_PROMPT, seed: int = 0) -> dict:
+def call_pairs(transformer_cfg: dict, size: int, pairs: int, prompt: str = SHORT_PROMPT, seed: int = 0,
+               family: str = "sd3", device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
     """One transformer call with the full text stream vs one with the prompt's tokens only (padded
-    rows masked, as a pruned call runs), alternated ``pairs`` times: the per-call ratio, robust to
-    a machine whose load drifts over minutes (medians of interleaved single calls)."""
+    rows masked, as a pruned call runs) and, on SD3, one with the 256 zero positions merged into one
+    (as every call runs with ``merge_zeros``), alternated ``pairs`` times: the per-call ratios,
+    robust to a machine whose load drifts over minutes (medians of interleaved single calls)."""
     from tokenprune_diffusers import apply_token_pruning, remove_token_pruning
 
-    pipe = sd3_pipeline(transformer_cfg, seed)
-    n_words = len(pipe.tokenizer(prompt).input_ids) - 2
-    with torch.inference_mode():
-        embeds, neg, pooled, neg_pooled = pipe.encode_prompt(prompt, prompt, None, do_classifier_free_guidance=True)
-    text, pooled = torch.cat([neg, embeds]), torch.cat([neg_pooled, pooled])  # (2, 333, D), negatives first
+    pipe = PIPELINES[family](transformer_cfg, seed)
+    n = _prompt_tokens(pipe, family, prompt)
     g = torch.Generator().manual_seed(seed)
-    latents = torch.randn(2, transformer_cfg["in_channels"], size // 8, size // 8, generator=g)
-    t = torch.full((2,), 500.0)
-    keep = [torch.arange(2), torch.arange(n_words + 2)]  # the empty negative prompt: start, end; the prompt: its tokens
-    index = torch.stack([torch.cat([k, k[-1:].expand(n_words + 2 - len(k))]) for k in keep])  # (2, K), padded
-    valid = torch.stack([torch.arange(n_words + 2) < len(k) for k in keep])
-    short = text.gather(1, index[..., None].expand(-1, -1, text.shape[-1]))
-    apply_token_pruning(pipe, threshold=0.0)  # the pruning processors (no plan outside a generation: no scoring)
-    times = {"full": [], "kept": []}
     with torch.inference_mode():
+        if family == "flux":
+            text, pooled, txt_ids = pipe.encode_prompt(prompt, None)  # (1, 512, D)
+            keep = [torch.arange(n)]
+            latents = torch.randn(1, (size // 16) ** 2, transformer_cfg["in_channels"], generator=g)
+            h = size // 16
+            img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(float(h)), torch.arange(float(h)), indexing="ij"), -1).reshape(-1, 3)
+            extra_inputs = dict(img_ids=img_ids, guidance=torch.full((1,), 3.5))
+        else:
+            embeds, neg, pos_pooled, neg_pooled = pipe.encode_prompt(prompt, prompt, None, do_classifier_free_guidance=True)
+            text, pooled = torch.cat([neg, embeds]), torch.cat([neg_pooled, pos_pooled])  # (2, 333, D), negatives first
+            keep = [torch.arange(2), torch.arange(n)]  # the empty negative prompt: start, end; the prompt: its tokens
+            latents = torch.randn(2, transformer_cfg["in_channels"], size // 8, size // 8, generator=g)
+            extra_inputs = {}
+    rows = text.shape[0]
+    t = torch.full((rows,), 0.5 if family == "flux" else 500.0)
+    index = torch.stack([torch.cat([k, k[-1:].expand(n - len(k))]) for k in keep])  # (B, K), padded
+    valid = torch.stack([torch.arange(n) < len(k) for k in keep])
+    short = text.gather(1, index[..., None].expand(-1, -1, text.shape[-1]))
+    inputs = {"full": dict(encoder_hidden_states=text, joint_attention_kwargs=None),
+              "kept": dict(encoder_hidden_states=short, joint_attention_kwargs=None if bool(valid.all()) else {"text_key_bias": torch.zeros(valid.shape).masked_fill(~valid, float("-inf"))})}
+    if family == "flux":
+        inputs["full"]["txt_ids"], inputs["kept"]["txt_ids"] = txt_ids, txt_ids[:n]
+    else:  # 77 CLIP positions + the 256 zero T5 positions as one, log(256) on its logit
+        clip = pipe.tokenizer.model_max_length
+        merge_bias = torch.zeros(rows, clip + 1)
+        merge_bias[:, -1] = math.log(text.shape[1] - clip)
+        inputs["merged"] = dict(encoder_hidden_states=text[:, : clip + 1], joint_attention_kwargs={"text_key_bias": merge_bias})
+    pipe.to(device, dtype)
+    latents, pooled, t = latents.to(device, dtype), pooled.to(device, dtype), t.to(device, dtype)
+    extra_inputs = {k: v.to(device, dtype) for k, v in extra_inputs.items()}
+    for x in inputs.values():
+        x["encoder_hidden_states"] = x["encoder_hidden_states"].to(device, dtype)
+        if "txt_ids" in x:
+            x["txt_ids"] = x["txt_ids"].to(device, dtype)
+        if x["joint_attention_kwargs"]:
+            x["joint_attention_kwargs"] = {"text_key_bias": x["joint_attention_kwargs"]["text_key_bias"].to(device)}
+    apply_token_pruning(pipe, threshold=0.0)  # the pruning processors (no plan outside a generation: no scoring)
+    times = {name: [] for name in inputs}
+    flops = {}
+    with torch.inference_mode():
+        for name in inputs:  # counted once each, untimed (the ceiling of the ratio)
+            with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):  # math: attention counted
+                pipe.transformer(hidden_states=latents, timestep=t, pooled_projections=pooled, return_dict=False,
+                                 **inputs[name], **extra_inputs)
+            flops[name] = counter.get_total_flops()
         for i in range(pairs + 1):  # pair 0 warms up
-            for name in ("full", "kept") if i % 2 == 0 else ("kept", "full"):
-                ehs, extra = (text, None) if name == "full" else (short, {"text_key_mask": valid})
+            for name in list(inputs) if i % 2 == 0 else list(inputs)[::-1]:
+                _sync(device)
                 t0 = time.perf_counter()
-                pipe.transformer(hidden_states=latents, timestep=t, encoder_hidden_states=ehs, pooled_projections=pooled,
-                                 joint_attention_kwargs=extra, return_dict=False)
+                pipe.transformer(hidden_states=latents, timestep=t, pooled_projections=pooled, return_dict=False,
+                                 **inputs[name], **extra_inputs)
+                _sync(device)
                 if i:
                     times[name].append(time.perf_counter() - t0)
     remove_token_pruning(pipe)
-    full, kept = statistics.median(times["full"]), statistics.median(times["kept"])
-    return {"size": size, "layers": transformer_cfg["num_layers"], "text": [text.shape[1], int(index.shape[1])],
-            "seconds": times, "full_s": full, "kept_s": kept, "call_speedup": full / kept}
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    return {"family": family, "size": size, "layers": transformer_cfg["num_layers"], "device": device, "dtype": str(dtype),
+            "text": {name: int(x["encoder_hidden_states"].shape[1]) for name, x in inputs.items()},
+            "seconds": times, "median_s": med, "speedup": {name: med["full"] / m for name, m in med.items()}, "flops": flops}
+
+
+FAMILY_TEXT = {
+    "sd3": ("SD3-medium widths", "StableDiffusion3Pipeline with the T5 slot empty (77 CLIP + 256 zero positions), CFG batch 2",
+            f"{SD3_MEDIUM_DEPTH} joint blocks"),
+    "flux": ("FLUX.1-dev widths", "FluxPipeline, T5-shaped text stream padded to 512 positions, guidance-distilled (batch 1)",
+             f"{FLUX_DEV_DEPTH[0]} double + {FLUX_DEV_DEPTH[1]} single blocks"),
+}
 
 
 def to_markdown(results: list[dict]) -> str:
+    family = results[0]["setup"].get("family", "sd3")
+    widths, pipeline, depth = FAMILY_TEXT[family]
+    env = results[0]["environment"]
+    where = f"GPU ({env['gpu']}, {results[0]['setup']['dtype']})" if env.get("gpu") else "CPU"
     lines = [
-        "### Token pruning on an MM-DiT: SD3-medium widths, random weights, CPU",
+        f"### Token pruning on an MM-DiT: {widths}, random weights, {where}",
         "",
-        "StableDiffusion3Pipeline with the T5 slot empty (77 CLIP + 256 zero positions), CFG batch 2, "
-        "flow-matching Euler, warm-up 0.2; the pruned rows keep exactly the prompt's tokens (random weights: "
-        "scores mean nothing, speed depends only on the kept count). Stock and pruned interleaved in one "
-        "process, medians. Transformer depth reduced (stated): the text stream's share of a call is the same "
-        f"in every block, so the per-call ratio holds for the full depth ({SD3_MEDIUM_DEPTH} blocks) up to the "
-        "embedding and final layer.",
+        f"{pipeline}, flow-matching Euler, warm-up 0.2; the pruned rows keep exactly the prompt's tokens (random weights: "
+        "scores mean nothing, speed depends only on the kept count). Rows interleaved in one process, medians. "
+        + ("`merged`: the exact merge of the 256 zero T5 positions alone (`warmup=1.0`, nothing pruned); `pruned`: "
+           "pruning, with the merge during the warm-up. " if family == "sd3" else "")
+        + "Transformer depth reduced (stated): the text stream's share of a call is the same "
+        f"in every block, so the per-call ratio holds for the full depth ({depth}) up to the embeddings and final layer.",
         "",
-        "| size | prompt | blocks | text positions: stock -> kept | loop s: stock | pruned | loop speedup | call s: stock | pruned | call speedup | loop bound from calls |",
-        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| size | prompt | blocks | config | text positions per call | loop s | loop speedup | call s | call speedup |",
+        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
-        s, ls, cs = r["setup"], r["loop_seconds"], r["call_seconds"]
-        kept = "/".join(map(str, r["text_tokens"]["kept_per_row"]))
+        s = r["setup"]
         label = "short" if s["prompt"] == SHORT_PROMPT else "long" if s["prompt"] == LONG_PROMPT else "custom"
-        lines.append(
-            f"| {s['size']} | {label} | {s['layers']} | {r['text_tokens']['stock']} -> {kept} | {statistics.median(ls['stock']):.2f} "
-            f"| {statistics.median(ls['pruned']):.2f} | {r['loop_speedup']:.2f}x | {cs['stock']:.3f} | {cs['pruned']:.3f} "
-            f"| {r['call_speedup']:.2f}x | {r['loop_bound_from_calls']:.2f}x |"
-        )
+        blocks = f"{s['layers']} + {s['single_layers']}" if s.get("single_layers") else str(s["layers"])
+        for c, loop in r["loop_median_s"].items():
+            n = r["text_tokens"]["per_config"][c]
+            text = " -> ".join(map(str, n[::-1])) if len(n) > 1 else str(n[0])
+            lines.append(f"| {s['size']} | {label} | {blocks} | {c} | {text} | {loop:.2f} | {r['loop_median_s']['stock'] / loop:.2f}x "
+                         f"| {r['call_seconds'][c]:.3f} | {r['call_seconds']['stock'] / r['call_seconds'][c]:.2f}x |")
+        lines.append(f"| | | | | kept per row: {'/'.join(map(str, r['text_tokens']['kept_per_row']))}; full calls of a pruned "
+                     f"loop: {r['full_calls_per_pruned_generation']}; loop bound from the calls: {r['loop_bound_from_calls']:.2f}x | | | | |")
     lines += ["", f"Environment: {json.dumps(results[0]['environment'])}."]
     return "\n".join(lines) + "\n"
 
 
+def pairs_markdown(pairs: dict) -> str:
+    """The interleaved single calls, with the FLOP ceiling beside each measured ratio."""
+    rows = []
+    for name, n in pairs["text"].items():
+        if name == "full":
+            continue
+        ceiling = pairs["flops"]["full"] / pairs["flops"][name]
+        rows.append(f"{name} ({n} positions) {pairs['median_s'][name]:.3f} s: {pairs['speedup'][name]:.2f}x, FLOP ceiling "
+                    f"{ceiling:.2f}x, measured / ceiling {pairs['speedup'][name] / ceiling:.0%}")
+    return (f"\nSingle calls, interleaved ({len(pairs['seconds']['full'])} rounds, {pairs['size']} px; FLOPs counted with "
+            f"`torch.utils.flop_counter`): full text ({pairs['text']['full']} positions) {pairs['median_s']['full']:.3f} s; "
+            + "; ".join(rows) + ".\n")
+
+
+ARCHITECTURES = {"sd3": SD3_MEDIUM, "flux": FLUX_DEV}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--family", choices=tuple(ARCHITECTURES), default="sd3")
     ap.add_argument("--size", type=int, nargs="+", default=[512])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--layers", type=int, default=SD3_MEDIUM["num_layers"])
+    ap.add_argument("--pairs", type=int, default=5, help="interleaved single-call pairs (0: none)")
     ap.add_argument("--prompts", choices=("short", "long", "both"), default="both")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     ap.add_argument("--out", default=None, help="write results .json and .md with this path prefix")
     args = ap.parse_args(argv)
-    cfg = dict(SD3_MEDIUM, num_layers=args.layers)
+    cfg = ARCHITECTURES[args.family]
+    where = dict(device=args.device, dtype=getattr(torch, args.dtype))
     prompts = {"short": (SHORT_PROMPT,), "long": (LONG_PROMPT,), "both": (SHORT_PROMPT, LONG_PROMPT)}[args.prompts]
-    results = [run(cfg, size, args.steps, args.repeats, prompt) for size in args.size for prompt in prompts]
-    md = to_markdown(results)
+    results = [run(cfg, size, args.steps, args.repeats, prompt, family=args.family, **where) for size in args.size for prompt in prompts]
+    pairs = [call_pairs(cfg, size, args.pairs, family=args.family, **where) for size in args.size] if args.pairs else []
+    md = to_markdown(results) + "".join(pairs_markdown(p) for p in pairs)
     print(md)
     if args.out:
-        Path(args.out + ".json").write_text(json.dumps(results, indent=1))
+        Path(args.out + ".json").write_text(json.dumps({"loops": results, "call_pairs": pairs}, indent=1))
         Path(args.out + ".md").write_text(md)
     return 0
 

@@ -1,9 +1,11 @@
-"""Token pruning on an MM-DiT (SD3-medium widths, random weights, reduced depth), measured.
+"""Token pruning on MM-DiTs (SD3-medium and FLUX.1-dev widths, random weights, reduced depth), measured.
 
-    pytest benchmarks/test_bench_mmdit.py --benchmark -s        # 512 px, 20 steps, short and long prompt (CPU: long)
-    pytest benchmarks/test_bench_mmdit.py --benchmark-smoke -s  # a tiny transformer, 64 px, 3 steps (CI)
+    pytest benchmarks/test_bench_mmdit.py --benchmark -s        # 512 px, short prompt (CPU: SD3 ~15 min, Flux ~25 min)
+    pytest benchmarks/test_bench_mmdit.py --benchmark-smoke -s  # tiny transformers, 64 px, 3 steps (CI)
 
-Results: benchmarks/results/tokenprune_mmdit_sd3.md/json.
+The full budget runs SD3 loops of 20 steps and, because one Flux-width call at 512 px takes about
+40 s on 2 CPU cores, Flux loops of 5 steps: warm-up 0.2 is then 1 full call and 4 pruned ones, the
+same 20% share as 4 + 16 of 20 steps. Results: benchmarks/results/tokenprune_mmdit_{sd3,flux}.md/json.
 """
 
 from __future__ import annotations
@@ -16,27 +18,33 @@ pytest.importorskip("diffusers")
 
 import mmdit_bench as mb  # noqa: E402
 
-LOOP_TARGET, CALL_TARGET = 1.20, 1.25  # issue targets, SD3-medium architecture, 512 px, short prompt, from pruning alone
+# issue targets at 512 px, short prompt, from pruning alone: (whole loop, each pruned call)
+TARGETS = {"sd3": (1.20, 1.25), "flux": (1.35, 1.45)}
+FULL_TEXT = {"sd3": 333, "flux": 512}
+FULL_BUDGET = {"sd3": dict(steps=20, repeats=2, pairs=5), "flux": dict(steps=5, repeats=2, pairs=3)}
 
 
-def test_mmdit_pruning_speed(budget, results_dir):
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_mmdit_pruning_speed(family, budget, results_dir):
     if budget == "smoke":
-        results = [mb.run(mb.TINY, 64, 3, 1, mb.SHORT_PROMPT, progress=lambda s: None)]
-        pairs = mb.call_pairs(mb.TINY, 64, 1)
+        cfg, size, b = {"sd3": mb.TINY, "flux": mb.TINY_FLUX}[family], 64, dict(steps=3, repeats=1, pairs=1)
     else:
-        results = [mb.run(mb.SD3_MEDIUM, 512, 20, 2, prompt) for prompt in (mb.SHORT_PROMPT, mb.LONG_PROMPT)]
-        pairs = mb.call_pairs(mb.SD3_MEDIUM, 512, 5)
-    md = mb.to_markdown(results)
-    md += (f"\nSingle calls, interleaved ({len(pairs['seconds']['full'])} pairs, {pairs['size']} px): full text "
-           f"{pairs['text'][0]} positions {pairs['full_s']:.3f} s, kept {pairs['text'][1]} positions {pairs['kept_s']:.3f} s: "
-           f"{pairs['call_speedup']:.2f}x.\n")
+        cfg, size, b = mb.ARCHITECTURES[family], 512, FULL_BUDGET[family]
+    results = [mb.run(cfg, size, b["steps"], b["repeats"], mb.SHORT_PROMPT, family=family,
+                      progress=(lambda s: None) if budget == "smoke" else print)]
+    pairs = mb.call_pairs(cfg, size, b["pairs"], family=family)
+    md = mb.to_markdown(results) + mb.pairs_markdown(pairs)
     short = results[0]
     if budget == "full":
-        md += (f"\nTargets (short prompt, 512 px): loop >= {LOOP_TARGET}x: {short['loop_speedup']:.2f}x "
-               f"({'met' if short['loop_speedup'] >= LOOP_TARGET else 'missed'}); pruned call >= {CALL_TARGET}x: "
-               f"{short['call_speedup']:.2f}x ({'met' if short['call_speedup'] >= CALL_TARGET else 'missed'}).\n")
+        loop_target, call_target = TARGETS[family]
+        md += (f"\nTargets (short prompt, 512 px, pruning): loop >= {loop_target}x: {short['loop_speedup']:.2f}x "
+               f"({'met' if short['loop_speedup'] >= loop_target else 'missed'}); pruned call >= {call_target}x: "
+               f"{short['call_speedup']:.2f}x in the loops, {pairs['speedup']['kept']:.2f}x as single calls.\n")
     print(md)
-    (results_dir / "tokenprune_mmdit_sd3.md").write_text(md)
-    (results_dir / "tokenprune_mmdit_sd3.json").write_text(json.dumps({"loops": results, "call_pairs": pairs}, indent=1))
-    assert short["text_tokens"]["stock"] == 333 and max(short["text_tokens"]["kept_per_row"]) < 333
-    assert short["full_calls_per_pruned_generation"] == (1 if budget == "smoke" else 4)
+    (results_dir / f"tokenprune_mmdit_{family}.md").write_text(md)
+    (results_dir / f"tokenprune_mmdit_{family}.json").write_text(json.dumps({"loops": results, "call_pairs": pairs}, indent=1))
+    assert short["text_tokens"]["stock"] == FULL_TEXT[family] and max(short["text_tokens"]["kept_per_row"]) < FULL_TEXT[family]
+    assert short["full_calls_per_pruned_generation"] == (4 if b["steps"] == 20 else 1)
+    assert pairs["flops"]["full"] > pairs["flops"]["kept"] > 0
+    if family == "sd3":  # the merge: 77 CLIP + 1 on every call of the merged and the warm-up calls of the pruned loop
+        assert short["text_tokens"]["per_config"]["merged"] == [78] and pairs["text"]["merged"] == 78

@@ -105,3 +105,35 @@ def test_gather_rows_and_masks():
     assert m.shape == (2, 2, 1, 3)
     assert m[0, 1, 0].tolist() == [0.0, -2.0, -3.0] and m[1, 0, 0, :2].tolist() == [0.0, -5.0] and m[1, 0, 0, 2] == -math.inf
     assert gather_mask(None, index, None, ndim=4) is None
+
+
+def test_text_stream_merges_identical_positions_exactly_and_spreads_their_mass_back():
+    """m identical keys == one key with log(m) on its logit: attention outputs and per-position
+    attention mass are recovered exactly; kept positions and padded slots are respected."""
+    import torch.nn.functional as F
+
+    from tokenprune_diffusers.scoring import attention_mass, text_stream
+
+    g = torch.Generator().manual_seed(0)
+    B, L, N, H, d = 2, 10, 5, 2, 4
+    identical = torch.zeros(B, L, dtype=torch.bool)
+    identical[:, 6:] = True  # a zero tail of 4 positions
+    keep = torch.ones(B, L, dtype=torch.bool)
+    keep[0, 2] = keep[1, 7] = False
+    ts = text_stream(identical, keep)
+    assert ts.index.tolist() == [[0, 1, 3, 4, 5, 6, 6], [0, 1, 2, 3, 4, 5, 6]]  # row 0 padded with its last
+    assert ts.bias[0, 5] == pytest.approx(math.log(4)) and ts.bias[0, 6] == -math.inf and ts.bias[1, 6] == pytest.approx(math.log(3))
+    k, v = torch.randn(B, H, L, d, generator=g), torch.randn(B, H, L, d, generator=g)
+    k[:, :, 6:], v[:, :, 6:] = k[:, :, 6:7], v[:, :, 6:7]
+    q = torch.randn(B, H, N, d, generator=g)
+    full_bias = torch.zeros(B, 1, 1, L).masked_fill(~keep[:, None, None, :], -math.inf)
+    reference = F.scaled_dot_product_attention(q, k, v, attn_mask=full_bias)
+    gather = ts.index[:, None, :, None].expand(B, H, -1, d)
+    bias = ts.bias[:, None, None, :]
+    out = F.scaled_dot_product_attention(q, k.gather(2, gather), v.gather(2, gather), attn_mask=bias)
+    torch.testing.assert_close(out, reference, atol=1e-6, rtol=1e-6)
+    mass, per_pos = attention_mass(q, k, full_bias, with_positions=True)
+    merged_mass, merged_pos = attention_mass(q, k.gather(2, gather), bias, with_positions=True)
+    torch.testing.assert_close(ts.scatter(merged_mass), mass, atol=1e-7, rtol=1e-6)
+    torch.testing.assert_close(ts.scatter(merged_pos), per_pos, atol=1e-7, rtol=1e-6)
+    assert text_stream(torch.zeros(B, L, dtype=torch.bool)).bias is None  # nothing to merge or mask

@@ -9,6 +9,7 @@ import torch
 pytest.importorskip("diffusers")
 
 from diffusers.models.attention_processor import JointAttnProcessor2_0  # noqa: E402
+from mmdit_helpers import PROMPT, generate, text_lengths  # noqa: E402
 
 from tokenprune_diffusers import (  # noqa: E402
     TokenPruneProcessor,
@@ -17,8 +18,6 @@ from tokenprune_diffusers import (  # noqa: E402
     remove_token_pruning,
 )
 from tokenprune_diffusers.scoring import PADDING  # noqa: E402
-
-PROMPT = "a cat wearing a red hat"
 
 
 @pytest.fixture(scope="module")
@@ -34,23 +33,48 @@ def clean(pipe):
     remove_token_pruning(pipe)
 
 
-def generate(pipe, prompt=PROMPT, steps=5, **kw):
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        return pipe(prompt, num_inference_steps=steps, generator=g, height=32, width=32, output_type="np", **kw).images
-
-
-def text_lengths(pipe):
-    lengths = []
-    return lengths, pipe.transformer.context_embedder.register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
-
-
 @pytest.mark.parametrize("options", [dict(threshold=0.0), dict(threshold=0.9, warmup=1.0)], ids=["threshold0", "warmup1"])
-def test_no_pruning_settings_give_exactly_the_stock_output(pipe, options):
+def test_no_pruning_settings_give_the_stock_output(pipe, options):
+    """Bit-exact without the zero merge; with it (the default) equal up to float rounding."""
     stock = generate(pipe)
-    proc = apply_token_pruning(pipe, **options)
+    proc = apply_token_pruning(pipe, merge_zeros=False, **options)
     np.testing.assert_array_equal(generate(pipe), stock)
     assert options.get("warmup") != 1.0 or not any(s.scored for s in proc.report.steps)
+    apply_token_pruning(pipe, **options)
+    np.testing.assert_allclose(generate(pipe), stock, atol=5e-6, rtol=0)
+
+
+def test_the_zero_t5_positions_run_as_one_from_the_first_call_exactly(pipe):
+    """Without T5 the pipeline adds 256 identical zero positions: they run as one key with log(256)
+    added to its logit (77 + 1 text positions on every call, no warm-up needed), the output equal to
+    stock; without the log(256) the output would differ."""
+    stock = generate(pipe, steps=3)
+    apply_token_pruning(pipe, warmup=1.0)
+    lengths, h = text_lengths(pipe)
+    seen = []
+    h2 = pipe.transformer.register_forward_hook(lambda m, a, k, out: seen.append((dict(k), out[0])), with_kwargs=True)
+    merged = generate(pipe, steps=3)
+    h.remove(), h2.remove()
+    assert lengths == [78] * 3
+    np.testing.assert_allclose(merged, stock, atol=5e-6, rtol=0)
+    kwargs, out = seen[-1]
+    remove_token_pruning(pipe)
+    with torch.no_grad():
+        reference = pipe.transformer(**{**kwargs, "return_dict": False})[0]  # stock, 333 positions
+        one = pipe.transformer(**{**kwargs, "encoder_hidden_states": kwargs["encoder_hidden_states"][:, :78], "return_dict": False})[0]
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(one, reference, atol=1e-3)  # one zero position without log(256): not the same
+
+
+def test_scores_with_the_zero_merge_equal_the_scores_without_it(pipe):
+    options = dict(top_k=2, warmup=0.4)
+    plain = apply_token_pruning(pipe, merge_zeros=False, **options)
+    generate(pipe)
+    mass, keep = plain.report.mass.clone(), plain.report.keep.clone()
+    merged = apply_token_pruning(pipe, **options)
+    generate(pipe)
+    torch.testing.assert_close(merged.report.mass, mass, atol=1e-7, rtol=1e-5)
+    assert torch.equal(merged.report.keep, keep)
 
 
 def test_the_text_stream_is_shortened_from_the_first_pruned_call(pipe):
@@ -59,7 +83,7 @@ def test_the_text_stream_is_shortened_from_the_first_pruned_call(pipe):
     generate(pipe)
     h.remove()
     rep = proc.report
-    assert rep.prune_start == 1 and lengths == [333] + [4] * 4  # 77 CLIP + 256 zero T5 positions, then 4
+    assert rep.prune_start == 1 and lengths == [8] + [4] * 4  # padding="drop": start, 6 words, end from call 0; then 4
     assert rep.steps[-1].kept_counts == [2, 4]  # the empty negative prompt: start + end; the prompt: + 2 words
     assert (rep.roles[:, 77:] == PADDING).all() and rep.tokens[1][77] == "<zero>"
     assert rep.prompts == ["", PROMPT] and len(rep.kept_words(1)) == 4
@@ -125,12 +149,12 @@ def test_what_is_not_supported_is_refused_with_the_reason(pipe):
     finally:
         pipe.transformer.set_attn_processor(JointAttnProcessor2_0())
 
-    class FluxPipeline:  # a transformer pipeline this package does not prune yet
+    class AuraFlowPipeline:  # a transformer pipeline this package does not prune yet
         unet = None
         transformer = pipe.transformer
 
-    with pytest.raises(TypeError, match="does not support FluxPipeline yet; it supports UNet pipelines"):
-        apply_token_pruning(FluxPipeline())
+    with pytest.raises(TypeError, match="does not support AuraFlowPipeline yet; it supports UNet pipelines"):
+        apply_token_pruning(AuraFlowPipeline())
     pipe.text_encoder_3 = torch.nn.Linear(1, 1)
     try:
         with pytest.raises(TypeError, match="text_encoder_3=None"):

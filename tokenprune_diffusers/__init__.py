@@ -16,7 +16,12 @@ from .clock import CallInfo, GenerationClock, get_clock
 from .config import TokenPruneConfig
 from .deepcache import DeepCache, apply_deep_cache, get_deep_cache, remove_deep_cache
 from .guidance import CollapseGuidance
-from .mmdit import SUPPORTED_MMDIT_PIPELINES, JointTokenPruneProcessor, MMDiTTokenPruning
+from .mmdit import (
+    SUPPORTED_MMDIT_PIPELINES,
+    FluxTokenPruneProcessor,
+    JointTokenPruneProcessor,
+    MMDiTTokenPruning,
+)
 from .patch import apply_token_pruning, get_token_pruning, remove_token_pruning
 from .processor import TokenPruneProcessor
 from .report import PruneReport, StepRecord
@@ -29,6 +34,7 @@ __all__ = [
     "CollapseGuidance",
     "MMDiTTokenPruning",
     "JointTokenPruneProcessor",
+    "FluxTokenPruneProcessor",
     "SUPPORTED_MMDIT_PIPELINES",
     "DeepCache",
     "apply_deep_cache",

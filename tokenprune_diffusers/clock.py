@@ -226,15 +226,15 @@ class GenerationClock:
         if cfg and len(enc) >= 2 and enc[-1].shape == enc[-2].shape:
             pos, neg = enc[-2], enc[-1]
         else:  # no negative encoded: the empty prompt's layout (SDXL's zero negative prompt)
-            pos = enc[-1]
+            pos = enc[0]  # the prompt is encoded first (Flux's true CFG encodes a negative after it)
             neg = _tokenize(self.tokenizer, [""] * pos.shape[0], pos.shape[1]) if cfg else None
         return _layout(pos, neg, batch)
 
     # ------------------------------------------------------------------ wiring (this module only)
-    def _attach_pipeline(self, pipeline: Any) -> None:
+    def _attach_pipeline(self, pipeline: Any, text: tuple[str, str] | None = None) -> None:
         self._detach_pipeline()
         self._pipeline = weakref.ref(pipeline)
-        self.tokenizer, encoder = _text_pair(pipeline)
+        self.tokenizer, encoder = _text_pair(pipeline, text)
         if encoder is not None:
             HookRegistry.check_if_exists_or_initialize(encoder).register_hook(_TextIdsHook(self), _TEXT_HOOK)
             self._text_encoder = weakref.ref(encoder)
@@ -259,14 +259,17 @@ def get_clock(denoiser: Any) -> GenerationClock | None:
     return hook.clock if hook is not None else None
 
 
-def attach_clock(denoiser: Any, listener: Any, pipeline: Any = None, num_steps: int | None = None) -> GenerationClock:
+def attach_clock(denoiser: Any, listener: Any, pipeline: Any = None, num_steps: int | None = None,
+                 text: tuple[str, str] | None = None) -> GenerationClock:
     """The denoiser's clock (installed on first use), with ``listener`` subscribed.
 
     Args:
-        denoiser: the UNet.
+        denoiser: the UNet or transformer.
         listener: an object with ``on_call`` / ``on_call_end``.
         pipeline: the pipeline that runs the denoiser (source 2 of the module docstring).
         num_steps: calls per generation for hand-written loops.
+        text: names of the pipeline's (tokenizer, text encoder) whose ids the denoiser's text rows
+            hold; default the first pair the pipeline has (Flux's text stream is ``tokenizer_2``'s).
     """
     clock = get_clock(denoiser)
     if clock is None:
@@ -274,7 +277,7 @@ def attach_clock(denoiser: Any, listener: Any, pipeline: Any = None, num_steps: 
         clock.hooked = True
         HookRegistry.check_if_exists_or_initialize(denoiser).register_hook(_DenoiserHook(clock), _HOOK)
     if pipeline is not None:
-        clock._attach_pipeline(pipeline)  # again too: the pipeline's tokenizer may have changed
+        clock._attach_pipeline(pipeline, text)  # again too: the pipeline's tokenizer may have changed
     if num_steps is not None:
         clock.num_steps = num_steps
     clock.subscribe(listener)
@@ -321,9 +324,9 @@ class _TextIdsHook(ModelHook):
         return args, kwargs
 
 
-def _text_pair(pipe: Any) -> tuple[Any, Any]:
-    """(tokenizer, text encoder) of a pipeline: the first pair it has."""
-    for tok, enc in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
+def _text_pair(pipe: Any, names: tuple[str, str] | None = None) -> tuple[Any, Any]:
+    """(tokenizer, text encoder) of a pipeline: the pair named, else the first pair it has."""
+    for tok, enc in [names] if names is not None else (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
         tokenizer, encoder = getattr(pipe, tok, None), getattr(pipe, enc, None)
         if tokenizer is not None:
             return tokenizer, encoder

@@ -42,9 +42,10 @@ class TokenPruneConfig:
     keep_ratio: float | None = _opt(None, "instead of threshold: keep this share of the candidates, best first", "rule")
     top_k: int | None = _opt(None, "instead of threshold: keep the k best candidates", "rule")
     reuse_kv: bool = _opt(True, "project the (pruned) prompt to keys and values once per layer and generation: exact", "speed")
+    merge_zeros: bool = _opt(True, "MM-DiT (SD3 without T5): the identical zero T5 positions run as one text position with log(n) added to its logit, from the first call: exact up to float rounding", "speed")
     gate: float | None = _opt(None, "from this share of the steps on, reuse each layer's cross-attention output of the last computed call (T-GATE): approximate", "speed")
     min_tokens: int = _opt(1, "floor: at least this many words stay per prompt (best first), whatever the rule")
-    padding: str = _opt("score", "positions after end-of-text: candidates like words (\"score\"), never pruned (\"keep\"), or always pruned (\"drop\")")
+    padding: str = _opt("score", "positions after end-of-text: candidates like words (\"score\"), never pruned (\"keep\"), or always pruned (\"drop\"; on MM-DiTs from the first call)")
     num_steps: int | None = _opt(None, "denoiser calls per generation, only for hand-written loops (pipelines report it)")
     score_chunk: int = _opt(1 << 22, "elements of one (batch, heads, positions, tokens) probability chunk while scoring (peak memory)")
     record_maps: bool = _opt(True, "keep per-token spatial maps of the scored calls (for heat maps)")
@@ -58,7 +59,7 @@ class TokenPruneConfig:
             if getattr(self, name) is not None:
                 check_unit(name, getattr(self, name))
         check_unit("warmup", self.warmup)
-        for name in ("reuse_kv", "record_maps"):
+        for name in ("reuse_kv", "merge_zeros", "record_maps"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.top_k is not None and not _is_int(self.top_k, 0):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -69,7 +69,7 @@ class GenerationState:
             self.stopped = why is not None
         self.info, self.text_sig, self.ran = info, None, set()
         self.plan = CallPlan(info.call, info.call) if self.stopped or self.schedule is None else self.schedule[info.call]
-        if self.plan.decide and self.report.roles is not None:
+        if self.plan.decide and self.report.roles is not None and self.report.keep is None:  # not decided early
             self.decide(config)
         counts = self.report.keep.sum(1).tolist() if self.plan.prune and self.index is not None else None
         self.report.steps.append(
@@ -77,6 +77,13 @@ class GenerationState:
                        collapsed=info.batch < self.batch, kept_counts=counts)
         )
         return why
+
+    def stop(self) -> None:
+        """The pipeline did something unforeseen: the running call and the rest compute as stock."""
+        self.stopped = True
+        self.plan = CallPlan(self.info.call, self.info.call)
+        if self.report.steps and self.report.steps[-1].call == self.info.call:
+            self.report.steps[-1] = replace(self.report.steps[-1], pruned=False, scored=False, gated=False, kept_counts=None)
 
     @property
     def last_call(self) -> bool:
@@ -126,13 +133,17 @@ class GenerationState:
         return self.index[-batch:], None if self.valid is None else self.valid[-batch:]
 
     def accumulate(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, config: TokenPruneConfig,
-                   scale: float | None = None, text_from: int = 0) -> None:
-        """Add one layer's attention mass (and per-position maps) to the scores; the keys before
-        ``text_from`` are not text (the image keys of joint attention)."""
+                   scale: float | None = None, text_from: int = 0, text_to: int | None = None,
+                   spread: Any = None) -> None:
+        """Add one layer's attention mass (and per-position maps) to the scores; only the keys
+        ``text_from:text_to`` are text (the others are the image keys of joint attention).
+        ``spread`` maps per-key masses (..., K) of a gathered text stream back to its L positions."""
         rep = self.report
         hw = _map_shape(query.shape[2], self.info.latent_hw) if config.record_maps else None
         mass, per_pos = attention_mass(query, key, mask, config.score_chunk, with_positions=hw is not None, scale=scale,
-                                       keys_from=text_from)
+                                       keys_from=text_from, keys_to=text_to)
+        if spread is not None:
+            mass, per_pos = spread(mass), (spread(per_pos) if per_pos is not None else None)
         rep.mass += mass
         rep.scored_layers += 1
         if per_pos is not None:

@@ -1,47 +1,89 @@
-"""Token pruning on MM-DiT transformers (SD3): the text stream itself gets shorter.
+"""Token pruning on MM-DiT transformers (SD3, Flux): the text stream itself gets shorter.
 
 In an MM-DiT the prompt is part of the sequence: every joint block runs its text stream's Q/K/V,
 output projection and MLP on every text position, and joint attention is quadratic in image + text
-positions; SD3 pads the text to 77 CLIP + 256 T5 positions whatever the prompt (zeros when
-``text_encoder_3=None``). So from the first pruned call :class:`MMDiTTokenPruning` (a subscriber
-of the transformer's clock) hands the transformer only the kept text positions: it gathers
-``encoder_hidden_states`` before the transformer's first layer, and every block runs on the kept
-tokens. During the warm-up :class:`JointTokenPruneProcessor` (``JointAttnProcessor2_0``'s skeleton
-with two marked additions) scores each text position by the attention mass that the image queries
-give it, with the same normalisation, rules and padding policies as on the UNet. Rows that keep
-different numbers of positions are gathered to the longest and their padded slots are masked as
-keys in every block (diffusers' joint processors take no mask; this one does).
+positions. The pipelines pad the text to a fixed length whatever the prompt: SD3 to 77 CLIP + 256
+T5 positions (zeros when ``text_encoder_3=None``), Flux to 512 T5 positions. So from the first
+pruned call :class:`MMDiTTokenPruning` (a subscriber of the transformer's clock) hands the
+transformer only the kept text positions: it gathers ``encoder_hidden_states`` (and Flux's
+``txt_ids``, from which the rotary embeddings are computed) before the transformer's first layer,
+and every block runs on the kept tokens. During the warm-up the joint processors of
+:mod:`~tokenprune_diffusers.joint` score each text position by the attention mass that the image
+queries give it, with the same normalisation, rules and padding policies as on the UNet. Rows that
+keep different numbers of positions are gathered to the longest and their padded slots are masked
+as keys in every block (diffusers' joint processors take no such mask; these do).
+
+What differs per pipeline family is written once, in :data:`FAMILIES`.
 """
 
 from __future__ import annotations
 
+import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
+from diffusers.hooks import HookRegistry
 
 from .clock import CallInfo, attach_clock, detach_clock, get_clock
 from .config import TokenPruneConfig
 from .generation import GenerationFollower
-from .scoring import gather_rows
+from .joint import FluxTokenPruneProcessor, JointTokenPruneProcessor
+from .scoring import PADDING, TextStream, gather_rows, text_stream
 
-__all__ = ["MMDiTTokenPruning", "JointTokenPruneProcessor", "SUPPORTED_MMDIT_PIPELINES", "apply_mmdit", "remove_mmdit", "get_mmdit"]
+__all__ = [
+    "MMDiTTokenPruning",
+    "JointTokenPruneProcessor",
+    "FluxTokenPruneProcessor",
+    "MMDiTFamily",
+    "FAMILIES",
+    "SUPPORTED_MMDIT_PIPELINES",
+    "apply_mmdit",
+    "remove_mmdit",
+    "get_mmdit",
+]
 
-SUPPORTED_MMDIT_PIPELINES = ("StableDiffusion3Pipeline",)
-_STOCK_JOINT = (JointAttnProcessor2_0,)
+
+@dataclass(frozen=True)
+class MMDiTFamily:
+    """What token pruning needs to know about one MM-DiT pipeline family."""
+
+    stock: tuple[str, ...]  # class names of the stock processors that ours replace
+    processor: type  # ours
+    text: tuple[str, str]  # (tokenizer, text encoder) whose ids make the text stream
+    zero_tail: bool  # the positions after those ids are zeros the pipeline added (SD3 without T5)
+    scored_blocks: str  # where the warm-up scores, for the docs
+
+
+FAMILIES = {
+    "StableDiffusion3Pipeline": MMDiTFamily(
+        stock=("JointAttnProcessor2_0",), processor=JointTokenPruneProcessor, text=("tokenizer", "text_encoder"),
+        zero_tail=True, scored_blocks="every joint block",
+    ),
+    "FluxPipeline": MMDiTFamily(
+        stock=("FluxAttnProcessor",), processor=FluxTokenPruneProcessor, text=("tokenizer_2", "text_encoder_2"),
+        zero_tail=False, scored_blocks="the double-stream blocks",
+    ),
+}
+SUPPORTED_MMDIT_PIPELINES = tuple(FAMILIES)
 
 
 class MMDiTTokenPruning(GenerationFollower):
-    """Token pruning installed on an SD3 transformer (what :func:`~tokenprune_diffusers.apply_token_pruning`
-    returns for such a pipeline): :attr:`config`, :attr:`report`, :attr:`schedule` as for the UNet."""
+    """Token pruning installed on an SD3 or Flux transformer (what
+    :func:`~tokenprune_diffusers.apply_token_pruning` returns for such a pipeline): :attr:`config`,
+    :attr:`report`, :attr:`schedule` as for the UNet."""
 
-    def __init__(self, config: TokenPruneConfig) -> None:
+    def __init__(self, config: TokenPruneConfig, family: MMDiTFamily | None = None) -> None:
         if config.gate is not None:
             raise ValueError(f"gate is a UNet cross-attention option; MM-DiT pruning takes gate=None, got {config.gate!r}")
         super().__init__(config)
+        self.family = family or FAMILIES["StableDiffusion3Pipeline"]
         self.originals: dict[str, Any] | None = None
         self.clock = None
+        self.text_length: int | None = None  # text positions of the running call (after pruning)
+        self.stream: TextStream | None = None  # the running call's gathered text positions (None: all)
+        self.denoiser: weakref.ref | None = None  # the transformer (its cache hooks are reset when the text shortens)
+        self._text: tuple | None = None  # (generation, identity of its text tensor)
 
     # ------------------------------------------------------------------ per transformer call (the clock calls these)
     def on_call(self, info: CallInfo, args: tuple = (), kwargs: dict | None = None) -> None:
@@ -49,140 +91,113 @@ class MMDiTTokenPruning(GenerationFollower):
         stream in ``kwargs`` (the transformer is called with them)."""
         gen = self._follow(info)
         text = kwargs.get("encoder_hidden_states") if kwargs is not None else None  # (B, L, D)
+        self.text_length = text.shape[1] if isinstance(text, torch.Tensor) else None
+        self.stream = None
         if not isinstance(text, torch.Tensor):
             if len(args) > 1:
                 self._warn_once("positional", "the transformer was called with encoder_hidden_states by position: "
                                               "token pruning needs it by name (as diffusers' pipelines pass it) and prunes nothing")
             return
-        if gen.report.roles is None and not gen.bind_text(text, self.tokenizer, zero_tail=True) and info.num_calls is not None:
+        if self._other_text(info, text, kwargs):
+            gen.stop()
+            return
+        if gen.report.roles is None and not gen.bind_text(text, self.tokenizer, zero_tail=self.family.zero_tail) \
+                and info.num_calls is not None:
             self._warn_once("roles", "token pruning does not know the token ids of this batch (prompt_embeds given?): "
                                      "only position 0 (the start token) is protected")
-        index, valid = gen.kept(text.shape[0])
-        if index is None:
+        stream = self._stream(gen, text)
+        self.stream = stream
+        if stream is None:
             return
+        index = stream.index
+        txt_ids = kwargs.get("txt_ids")  # (L, 3) Flux's text positions for the rotary embedding
+        if isinstance(txt_ids, torch.Tensor):
+            if not bool((txt_ids == txt_ids[:1]).all()) and not bool((index == index[:1]).all()):
+                self._warn_once("txt_ids", "the text positions (txt_ids) differ and the rows keep different tokens: "
+                                           "token pruning cannot shorten one txt_ids for every row and prunes nothing")
+                gen.stop()
+                self.stream = None
+                return
+            kwargs["txt_ids"] = txt_ids[index[0].to(txt_ids.device)]  # (K, 3)
         kwargs["encoder_hidden_states"] = gather_rows(text, index)  # (B, K, D): every block runs on K text positions
-        if valid is not None:
+        self.text_length = index.shape[1]
+        if stream.bias is not None:
             extra = dict(kwargs.get("joint_attention_kwargs") or {})
-            extra["text_key_mask"] = valid  # (B, K) False on the padded slots of shorter rows
+            extra["text_key_bias"] = stream.bias  # (B, K): -inf on padded slots, log(m) on merged positions
             kwargs["joint_attention_kwargs"] = extra
 
+    def _stream(self, gen: Any, text: torch.Tensor) -> TextStream | None:
+        """The text positions this call runs on (None: all of them, as stock): the kept ones (before
+        the decision, with ``padding="drop"``, every position but the padding, which the decision
+        drops anyway), with SD3's identical zero T5 positions merged into one (``merge_zeros``)."""
+        B, L = text.shape[:2]
+        if gen.stopped or gen.schedule is None:  # an unforeseen or unknown generation computes as stock
+            return None
+        index, valid = gen.kept(B)
+        keep = None
+        if index is not None:  # (B, L) bool from the gathered positions (padded slots repeat a kept one)
+            hits = torch.ones_like(index) if valid is None else valid.long()
+            keep = torch.zeros(B, L, dtype=torch.long, device=index.device).scatter_add_(1, index, hits) > 0
+        elif self.config.padding == "drop" and gen.schedule.prune_start is not None and gen.report.roles is not None:
+            keep = gen.report.roles[-B:].to(text.device) != PADDING  # padding is dropped anyway: from the first call
+        zeros = None
+        if self.family.zero_tail and self.config.merge_zeros:
+            zeros = (text == 0).all(dim=-1).to(index.device if index is not None else text.device)  # (B, L)
+            if keep is not None:
+                zeros &= keep
+            if not bool((zeros.sum(1) > 1).any()):
+                zeros = None
+        if zeros is None and keep is None:
+            return None
+        identical = zeros if zeros is not None else torch.zeros(B, L, dtype=torch.bool, device=keep.device)
+        return text_stream(identical, keep)
+
     def on_call_end(self, info: CallInfo) -> None:
-        pass
+        """After the last warm-up call, decide the kept tokens; when the text stream shortens, reset
+        the transformer's stateful cache hooks (diffusers' ``enable_cache`` configs: FirstBlockCache,
+        ...): what they hold has the full text length, and the next call, the first pruned one, then
+        computes in full and fills them afresh."""
+        gen, denoiser = self._gen, self.denoiser() if self.denoiser is not None else None
+        if denoiser is None or gen is None or gen.stopped or gen.schedule is None:
+            return
+        if gen.schedule[info.call + 1].decide and gen.report.roles is not None:
+            gen.decide(self.config)  # the scores are complete: decide now, to know whether the text shortens
+            if gen.index is not None:
+                HookRegistry.check_if_exists_or_initialize(denoiser).reset_stateful_hooks(recurse=True)
 
-    def score(self, image_query: torch.Tensor, key: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def score(self, image_query: torch.Tensor, key: torch.Tensor, bias: torch.Tensor | None,
+              text_from: int, text_to: int | None = None) -> None:
         """Warm-up: add the mass the image queries (B, H, N, d) give each text key; ``key`` is
-        (B, H, N + L, d), image keys first."""
-        self._gen.accumulate(image_query, key, bias, self.config, text_from=image_query.shape[2])
+        (B, H, S, d) over the joint sequence, its text keys ``text_from:text_to``."""
+        spread = self.stream.scatter if self.stream is not None else None
+        self._gen.accumulate(image_query, key, bias, self.config, text_from=text_from, text_to=text_to, spread=spread)
 
-
-class JointTokenPruneProcessor:
-    """``JointAttnProcessor2_0`` with two marked additions: the text key mask of padded slots, and
-    scoring on the warm-up calls. One instance serves every joint attention layer."""
-
-    def __init__(self, pruning: MMDiTTokenPruning) -> None:
-        self.pruning = pruning
-
-    def __call__(
-        self,
-        attn: Attention,
-        hidden_states: torch.FloatTensor,
-        encoder_hidden_states: torch.FloatTensor = None,
-        attention_mask: torch.FloatTensor | None = None,
-        text_key_mask: torch.Tensor | None = None,
-        *args,
-        **kwargs,
-    ) -> torch.FloatTensor:
-        residual = hidden_states
-
-        batch_size = hidden_states.shape[0]
-
-        # `sample` projections.
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
-
-        inner_dim = key.shape[-1]
-        head_dim = inner_dim // attn.heads
-
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-
-        # `context` projections.
-        if encoder_hidden_states is not None:
-            encoder_hidden_states_query_proj = attn.add_q_proj(encoder_hidden_states)
-            encoder_hidden_states_key_proj = attn.add_k_proj(encoder_hidden_states)
-            encoder_hidden_states_value_proj = attn.add_v_proj(encoder_hidden_states)
-
-            encoder_hidden_states_query_proj = encoder_hidden_states_query_proj.view(
-                batch_size, -1, attn.heads, head_dim
-            ).transpose(1, 2)
-            encoder_hidden_states_key_proj = encoder_hidden_states_key_proj.view(
-                batch_size, -1, attn.heads, head_dim
-            ).transpose(1, 2)
-            encoder_hidden_states_value_proj = encoder_hidden_states_value_proj.view(
-                batch_size, -1, attn.heads, head_dim
-            ).transpose(1, 2)
-
-            if attn.norm_added_q is not None:
-                encoder_hidden_states_query_proj = attn.norm_added_q(encoder_hidden_states_query_proj)
-            if attn.norm_added_k is not None:
-                encoder_hidden_states_key_proj = attn.norm_added_k(encoder_hidden_states_key_proj)
-
-            image_query = query
-            query = torch.cat([query, encoder_hidden_states_query_proj], dim=2)
-            key = torch.cat([key, encoder_hidden_states_key_proj], dim=2)
-            value = torch.cat([value, encoder_hidden_states_value_proj], dim=2)
-
-            # --- masking: the padded text slots of rows that keep fewer tokens are no keys
-            bias = None
-            if text_key_mask is not None:
-                image_keys = torch.ones(batch_size, residual.shape[1], dtype=torch.bool, device=query.device)
-                keys = torch.cat([image_keys, text_key_mask.to(query.device)], dim=1)  # (B, N + K)
-                bias = torch.zeros(keys.shape, dtype=query.dtype, device=query.device).masked_fill(~keys, float("-inf"))
-                bias = bias[:, None, None, :]  # (B, 1, 1, N + K)
-
-            # --- scoring (warm-up calls only): the mass image queries give each text key
-            plan = self.pruning.current_plan
-            if plan is not None and plan.score:
-                self.pruning.score(image_query, key, bias)
-        else:
-            bias = None
-
-        hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=0.0, is_causal=False)
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-        hidden_states = hidden_states.to(query.dtype)
-
-        if encoder_hidden_states is not None:
-            # Split the attention outputs.
-            hidden_states, encoder_hidden_states = (
-                hidden_states[:, : residual.shape[1]],
-                hidden_states[:, residual.shape[1] :],
-            )
-            if not attn.context_pre_only:
-                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
-
-        # linear proj
-        hidden_states = attn.to_out[0](hidden_states)
-        # dropout
-        hidden_states = attn.to_out[1](hidden_states)
-
-        if encoder_hidden_states is not None:
-            return hidden_states, encoder_hidden_states
-        else:
-            return hidden_states
+    def _other_text(self, info: CallInfo, text: torch.Tensor, kwargs: dict) -> bool:
+        """The transformer got another text tensor in the middle of a generation (FluxPipeline's true
+        CFG calls it with the negative prompt), or an attention mask: compute as stock (warned)."""
+        if (kwargs.get("joint_attention_kwargs") or {}).get("attention_mask") is not None:
+            self._warn_once("mask", "the transformer was called with an attention_mask: token pruning prunes nothing")
+            return True
+        identity = (info.generation, text.data_ptr(), tuple(text.shape))
+        if info.num_calls is None:  # calls outside a known generation compute as stock anyway
+            return False
+        if info.call == 0 or self._text is None or self._text[0] != info.generation:
+            self._text = identity
+            return False
+        if identity != self._text:
+            self._warn_once("text", "the transformer got another prompt tensor in the middle of a generation (true "
+                                    "classifier-free guidance with a negative prompt?): token pruning computes this "
+                                    "generation as stock from here on")
+            return True
+        return False
 
 
 # ------------------------------------------------------------------ wiring
-def check_supported(pipe: Any) -> None:
-    """Refuse, with the reason, a transformer pipeline this module cannot prune."""
+def family_of(pipe: Any) -> MMDiTFamily:
+    """The pipeline's family; refuses, with the reason, a transformer pipeline this module cannot prune."""
     name = type(pipe).__name__
-    if name not in SUPPORTED_MMDIT_PIPELINES:
+    family = FAMILIES.get(name)
+    if family is None:
         raise TypeError(
             f"token pruning does not support {name} yet; it supports UNet pipelines (Stable Diffusion 1.x / 2.x, "
             f"SDXL and their img2img / inpainting variants) and {', '.join(SUPPORTED_MMDIT_PIPELINES)}"
@@ -192,10 +207,16 @@ def check_supported(pipe: Any) -> None:
             f"token pruning on {name} follows the roles of the CLIP tokens and the zero T5 positions of a pipeline "
             "built with text_encoder_3=None; with T5 loaded the T5 token roles are not followed yet"
         )
-    processors = pipe.transformer.attn_processors
-    odd = sorted({type(p).__name__ for p in processors.values() if not isinstance(p, (*_STOCK_JOINT, JointTokenPruneProcessor))})
+    ours = tuple(f.processor.__name__ for f in FAMILIES.values())
+    odd = sorted({type(p).__name__ for p in pipe.transformer.attn_processors.values()} - set(family.stock) - set(ours))
     if odd:
-        raise TypeError(f"token pruning on {name} replaces JointAttnProcessor2_0; the transformer has {', '.join(odd)}")
+        raise TypeError(f"token pruning on {name} replaces {', '.join(family.stock)}; the transformer has {', '.join(odd)}")
+    return family
+
+
+def check_supported(pipe: Any) -> None:
+    """Refuse, with the reason, a transformer pipeline this module cannot prune."""
+    family_of(pipe)
 
 
 def get_mmdit(transformer: Any) -> MMDiTTokenPruning | None:
@@ -205,16 +226,17 @@ def get_mmdit(transformer: Any) -> MMDiTTokenPruning | None:
 
 def apply_mmdit(pipe: Any, config: TokenPruneConfig) -> MMDiTTokenPruning:
     """Install token pruning on ``pipe.transformer`` (applying twice replaces the first)."""
-    check_supported(pipe)
+    family = family_of(pipe)
     transformer = pipe.transformer
     previous = get_mmdit(transformer)
     originals = previous.originals if previous is not None else transformer.attn_processors
     remove_mmdit(transformer)
-    pruning = MMDiTTokenPruning(config)
+    pruning = MMDiTTokenPruning(config, family)
     pruning.originals = dict(originals)
-    pruning.clock = attach_clock(transformer, pruning, pipeline=pipe, num_steps=config.num_steps)
-    pruning.tokenizer = getattr(pipe, "tokenizer", None)
-    transformer.set_attn_processor(JointTokenPruneProcessor(pruning))
+    pruning.denoiser = weakref.ref(transformer)
+    pruning.clock = attach_clock(transformer, pruning, pipeline=pipe, num_steps=config.num_steps, text=family.text)
+    pruning.tokenizer = getattr(pipe, family.text[0], None)
+    transformer.set_attn_processor(family.processor(pruning))
     return pruning
 
 

@@ -27,6 +27,9 @@ __all__ = [
     "sd15_pipeline",
     "tiny_pipeline",
     "tiny_sdxl_pipeline",
+    "tiny_sd3_pipeline",
+    "tiny_flux_pipeline",
+    "t5_shaped_tokenizer",
 ]
 
 # runwayml/stable-diffusion-v1-5, unet/config.json (860M parameters)
@@ -301,6 +304,73 @@ def tiny_sd3_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
         tokenizer_2=load_clip_tokenizer(pad_token="!"),
         text_encoder_3=None,
         tokenizer_3=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+TINY_FLUX_TRANSFORMER_CONFIG = dict(
+    patch_size=1,
+    in_channels=16,  # 4 latent channels packed 2x2
+    num_layers=1,  # double-stream (joint) blocks
+    num_single_layers=2,  # single-stream blocks (text and image concatenated)
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=32,  # = the T5 width
+    pooled_projection_dim=32,  # = the CLIP width
+    guidance_embeds=False,
+    axes_dims_rope=(4, 4, 8),  # sums to attention_head_dim
+)
+
+TINY_T5_CONFIG = dict(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                      dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+
+
+def t5_shaped_tokenizer(max_length: int = 512):
+    """A tokenizer with T5's layout, built offline: no start token, ``</s>`` (id 1) after the words,
+    ``<pad>`` (id 0) after it. Its vocabulary is the whole words of the CLIP vocabulary (word-level,
+    lower-cased); the real T5 tokenizer is a SentencePiece model that cannot be downloaded here. For
+    Flux-shaped test and benchmark pipelines, where only the id layout matters."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    from .tokenizer import load_clip_tokenizer
+
+    words = sorted(w[: -len("</w>")] for w in load_clip_tokenizer().get_vocab() if w.endswith("</w>") and len(w) > 4)
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(dict.fromkeys(words))}}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   model_max_length=max_length)
+
+
+def tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, max_sequence_length: int = 512):
+    """A tiny Flux-shaped ``FluxPipeline`` (for tests): a CLIP text encoder for the pooled prompt, a
+    T5 encoder for the text stream (512 positions, the pipeline's default, T5's id layout from
+    :func:`t5_shaped_tokenizer`), one double-stream and two single-stream blocks."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from .tokenizer import load_clip_tokenizer
+
+    tokenizer_2 = t5_shaped_tokenizer(max_sequence_length)
+    with _seeded(seed):
+        transformer = FluxTransformer2DModel(**TINY_FLUX_TRANSFORMER_CONFIG)
+        vae = AutoencoderKL(**{**TINY_VAE_CONFIG, "shift_factor": 0.1159, "scaling_factor": 0.3611,
+                               "use_quant_conv": False, "use_post_quant_conv": False})
+        text_encoder = CLIPTextModel(CLIPTextConfig(**{**TINY_TEXT_CONFIG, "hidden_act": "gelu"}))
+        text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), **TINY_T5_CONFIG))
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=load_clip_tokenizer(),
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer_2=tokenizer_2,
+        transformer=transformer.eval(),
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)

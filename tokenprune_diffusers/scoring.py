@@ -8,6 +8,7 @@ positions may be pruned.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -24,6 +25,8 @@ __all__ = [
     "additive_mask",
     "token_roles",
     "unknown_roles",
+    "TextStream",
+    "text_stream",
 ]
 
 SPECIAL, WORD, PADDING = 0, 1, 2  # start / end-of-text (always kept), prompt words, positions after end-of-text
@@ -37,6 +40,7 @@ def attention_mass(
     with_positions: bool = False,
     scale: float | None = None,
     keys_from: int = 0,
+    keys_to: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Cross-attention probability mass each token receives, computed in chunks of image positions.
 
@@ -51,27 +55,29 @@ def attention_mass(
         chunk_elems: size of one (B, H, chunk, L) probability block.
         with_positions: also return the per-position map (summed over heads).
         scale: logit scale; default 1/sqrt(d), what F.scaled_dot_product_attention uses.
-        keys_from: the softmax runs over every key, but only the keys from this index on are
-            returned (joint attention: image keys first, then the text keys that are scored).
+        keys_from, keys_to: the softmax runs over every key, but only the keys ``keys_from:keys_to``
+            are returned (joint attention: the text keys that are scored, after the image keys in
+            SD3, before them in Flux).
 
     Returns:
-        mass: (B, L - keys_from) mean probability per token over heads and positions (each row
-            sums to 1 when keys_from is 0).
-        per_position: (B, N, L - keys_from) probabilities summed over heads, or None.
+        mass: (B, L') mean probability per token over heads and positions, L' the returned keys
+            (each row sums to 1 when every key is returned).
+        per_position: (B, N, L') probabilities summed over heads, or None.
     """
     B, H, N, d = query.shape  # (B, H, N, d)
     L = key.shape[-2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     key_t = key.float().transpose(-1, -2)  # (B, H, d, L)
     step = max(1, chunk_elems // max(1, B * H * L))
-    mass = torch.zeros(B, L - keys_from, dtype=torch.float32, device=query.device)  # (B, L')
+    keys = slice(keys_from, L if keys_to is None else keys_to)
+    mass = torch.zeros(B, keys.stop - keys.start, dtype=torch.float32, device=query.device)  # (B, L')
     per_position = [] if with_positions else None
     for s in range(0, N, step):
         logits = (query[:, :, s : s + step].float() @ key_t) * scale  # (B, H, c, L)
         if attn_bias is not None:
             bias = attn_bias if attn_bias.shape[-2] == 1 else attn_bias[..., s : s + step, :]
             logits = logits + bias.float()  # (B, H, c, L)
-        probs_h = logits.softmax(dim=-1)[..., keys_from:].sum(dim=1)  # (B, c, L')
+        probs_h = logits.softmax(dim=-1)[..., keys].sum(dim=1)  # (B, c, L')
         mass += probs_h.sum(dim=1)  # (B, L)
         if per_position is not None:
             per_position.append(probs_h)
@@ -237,3 +243,67 @@ def unknown_roles(batch: int, length: int, device: torch.device | None = None) -
     roles = torch.full((batch, length), WORD, dtype=torch.int8, device=device)
     roles[:, 0] = SPECIAL
     return roles
+
+
+@dataclass(frozen=True)
+class TextStream:
+    """The text positions a joint-attention call runs on, as gathered from the pipeline's L positions.
+
+    ``index`` (B, K): the gathered positions; ``bias`` (B, K) additive logit bias of each text key
+    (0; ``-inf`` on the padded slots of shorter rows; ``log(m)`` on a position that stands for m
+    identical ones), or None when every bias is 0; ``slot`` (B, L): the gathered slot each original
+    position is computed in (-1: left out); ``share`` (B, K): the part of a slot's attention mass
+    that each original position in it receives (1, or 1/m for a merged slot).
+    """
+
+    index: torch.Tensor
+    bias: torch.Tensor | None
+    slot: torch.Tensor
+    share: torch.Tensor
+
+    def scatter(self, mass: torch.Tensor) -> torch.Tensor:
+        """(B, ..., K) per-slot attention mass -> (B, ..., L) per original position (exact: m identical
+        keys each receive 1/m of what the one key with log(m) added to its logit receives)."""
+        slot = self.slot.clamp_min(0)  # (B, L)
+        per = (self.share.gather(1, slot) * (self.slot >= 0)).to(mass.dtype)  # (B, L)
+        lead = mass.shape[1:-1]
+        idx = slot.view(slot.shape[0], *([1] * len(lead)), -1).expand(*mass.shape[:-1], slot.shape[1])
+        return mass.gather(-1, idx) * per.view(per.shape[0], *([1] * len(lead)), -1)
+
+
+def text_stream(identical: torch.Tensor, keep: torch.Tensor | None = None) -> TextStream:
+    """The positions to run: the kept ones, with the identical positions of each row merged into one.
+
+    Attention over m identical keys (and values) equals attention over one of them with log(m)
+    added to its logit, and identical text positions stay identical through every joint block of an
+    MM-DiT whose text stream has no positional encoding (SD3): so the merge is exact.
+
+    Args:
+        identical: (B, L) bool, the positions whose inputs are identical within the row (SD3's zero
+            T5 positions without T5).
+        keep: (B, L) bool, the positions kept (None: all).
+
+    Returns:
+        A :class:`TextStream`; rows of different lengths are padded (``-inf`` bias on the slots).
+    """
+    B, L = identical.shape
+    keep = torch.ones_like(identical) if keep is None else keep
+    same = identical & keep  # (B, L)
+    m = same.sum(1)  # (B,)
+    first = same.int().argmax(1)  # (B,) the position that stands for the others
+    run = keep & ~same
+    run[torch.arange(B, device=keep.device), first] |= m > 0
+    index, valid = kept_index(run)  # (B, K)
+    K = index.shape[1]
+    valid = torch.ones(B, K, dtype=torch.bool, device=keep.device) if valid is None else valid
+    merged = (index == first[:, None]) & (m[:, None] > 0) & valid  # (B, K)
+    logm = torch.log(m.clamp_min(1).float())[:, None]  # (B, 1)
+    bias = torch.where(merged, logm, torch.zeros(()))
+    bias = bias.masked_fill(~valid, -math.inf)
+    share = torch.where(merged, 1.0 / m.clamp_min(1).float()[:, None], valid.float())  # (B, K)
+    slot = torch.full((B, L), -1, dtype=torch.long, device=keep.device)
+    rows = torch.arange(B, device=keep.device)[:, None].expand(B, K)
+    slot[rows[valid], index[valid]] = torch.arange(K, device=keep.device).expand(B, K)[valid]
+    slot = torch.where(same, slot.gather(1, first[:, None]).expand(B, L), slot)
+    has_bias = bool(merged.any()) or not bool(valid.all())
+    return TextStream(index=index, bias=bias if has_bias else None, slot=slot, share=share)
