@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ._atomic import atomic_path
 from .data.sampler import EpisodeCollate, EpisodeSampler
 from .methods.base import FewShotClassifier
 
@@ -84,14 +85,8 @@ def peak_memory_mb(device: torch.device | None = None) -> tuple[float, str]:
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     """``torch.save`` to a temporary file in the same folder, then ``os.replace`` (atomic)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:

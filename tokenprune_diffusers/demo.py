@@ -90,7 +90,6 @@ def load_pipeline(args: argparse.Namespace):
         from diffusers import DiffusionPipeline
 
         pipe = DiffusionPipeline.from_pretrained(args.model, safety_checker=None)
-        pipe.set_progress_bar_config(disable=True)
         return pipe, f"{args.model}"
     from .models import sd15_pipeline, tiny_pipeline
 
@@ -101,7 +100,6 @@ def load_pipeline(args: argparse.Namespace):
     from .toy.model import load_toy_pipeline
 
     pipe = load_toy_pipeline()
-    pipe.set_progress_bar_config(disable=True)
     return pipe, "embedded toy model (trained on captioned shapes; tokenprune_diffusers.toy)"
 
 

@@ -154,7 +154,6 @@ def assemble_pipeline(vae, text_encoder, unet, scheduler_config: dict | None = N
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
