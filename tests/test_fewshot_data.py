@@ -118,7 +118,7 @@ def test_data_root_precedence(monkeypatch, tmp_path):
     assert data_root(tmp_path / "c") == tmp_path / "c"
     monkeypatch.delenv("FEWSHOT_CCD_DATA")
     assert data_root() == tmp_path / "cache" == cache_dir()
-    with pytest.raises(FileNotFoundError, match=r"omniglot data not found.*cache folder.*FEWSHOT_CCD_DATA is not set"):
+    with pytest.raises(FileNotFoundError, match=r"omniglot data not found.*the cache folder, since \$FEWSHOT_CCD_DATA is not set"):
         omniglot_dir()
     (tmp_path / "cache" / "omniglot").mkdir(parents=True)  # where download_omniglot() puts the files
     (tmp_path / "cache" / "omniglot" / "images_background.npz").write_bytes(b"")

@@ -50,8 +50,8 @@ def dataset_dir(name: str, root: str | os.PathLike | None = None, *, marker: str
     for candidate in (base / name, base):  # the named sub-folder first: markers can be generic
         if any((candidate / m).exists() for m in markers):
             return candidate
-    how = ("the path you gave" if root is not None else f"${DATA_ENV}" if os.environ.get(DATA_ENV)
-           else f"the cache folder (${DATA_ENV} is not set)")
+    how = ("the path you gave" if root is not None else f"from ${DATA_ENV}" if os.environ.get(DATA_ENV)
+           else f"the cache folder, since ${DATA_ENV} is not set")
     raise FileNotFoundError(
         f"{name} data not found: no {' or '.join(map(repr, markers))} in {base} or {base / name} ({how}). "
         f"Pass root=..., or set {DATA_ENV} to the folder holding '{name}/', or download it into "
