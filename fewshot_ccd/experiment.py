@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ._atomic import atomic_write_text, check_writable
+from ._checks import finite, positive_int
 from .data.folders import MiniImageNet
 from .data.omniglot import OmniglotDataset, load_lake_runs
 from .data.paths import dataset_dir
@@ -78,6 +79,11 @@ class ExperimentConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.distance not in DISTANCES:
             raise ValueError(f"distance must be one of {DISTANCES}, got {self.distance!r}")
+        finite("lr", self.lr, low=0.0, low_open=True)
+        finite("contrastive_weight", self.contrastive_weight, low=0.0)
+        finite("scale_init", self.scale_init, low=0.0, low_open=True)
+        for name in ("steps", "n_way", "n_shot", "n_query", "eval_episodes", "eval_query", "lr_decay_every"):
+            positive_int(name, getattr(self, name))
         if self.dataset != "omniglot" and self.max_classes is not None:
             raise ValueError(f"max_classes applies to Omniglot only, got {self.max_classes} with {self.dataset!r}")
 

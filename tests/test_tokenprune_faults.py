@@ -85,3 +85,18 @@ def test_heatmaps_accept_the_pil_image_and_numpy_arrays(tiny_pipe, tmp_path):
     nan[0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         render_heatmaps(report, tmp_path / "bad.png", image=nan)
+
+
+# ---- the package's atomic writes --------------------------------------------------------------------
+def test_atomic_path_leaves_the_old_file_on_failure(tmp_path):
+    from tokenprune_diffusers._atomic import atomic_path, atomic_write_text
+
+    target = tmp_path / "report.json"
+    atomic_write_text(target, "old")
+    with pytest.raises(OSError, match="disk full"):
+        with atomic_path(target) as tmp:
+            tmp.write_text("partial")
+            raise OSError("disk full")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["report.json"]
+    atomic_write_text(tmp_path / "sub" / "new.json", "new")
+    assert (tmp_path / "sub" / "new.json").read_text() == "new"

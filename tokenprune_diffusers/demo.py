@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ._atomic import atomic_write_text
 from .config import PADDING_POLICIES, TokenPruneConfig
 from .heatmap import render_heatmaps
 from .patch import apply_token_pruning, remove_token_pruning
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     Image.fromarray((pruned_img * 255).round().astype(np.uint8)).save(out / "pruned.png")
     heat = render_heatmaps(report, out / "heatmaps.png", image=stock_img) if report.maps else None
     summary = report.to_dict() | {"model": label, "stock_seconds": stock_s, "pruned_seconds": pruned_s, "psnr_db": psnr}
-    (out / "report.json").write_text(json.dumps(summary, indent=1))
+    atomic_write_text(out / "report.json", json.dumps(summary, indent=1))
     print(f"wrote {out / 'stock.png'}, {out / 'pruned.png'}, {heat or '(no heat maps)'}, {out / 'report.json'}")
     return 0
 
