@@ -77,7 +77,7 @@ def _command(budget: str) -> str:
 
 def _require(path: Path, what: str) -> None:
     if not path.exists():
-        pytest.skip(f"{what} not found at {path} (set --data-root or $MEASURED_REPRO_DATA)")
+        pytest.skip(f"{what} not found at {path} (pass --data-root DIR)")
 
 
 def _split_run(split: str, budget: str, data_root: Path) -> dict:

@@ -8,6 +8,7 @@ one class, nor NaN the class ``-2**63``).
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
@@ -50,8 +51,15 @@ def finite(name: str, value, *, low: float | None = None, high: float | None = N
 
 
 def positive_int(name: str, value, low: int = 1) -> int:
-    """``value`` as an int >= ``low``; ValueError naming ``name`` otherwise (bools, 2.5 and NaN too)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-            isinstance(value, float) and not value.is_integer()) or value < low:
+    """``value`` as an int >= ``low`` (Python and numpy integers, whole floats); ValueError naming
+    ``name`` otherwise (bools, 2.5 and NaN too)."""
+    number = None
+    if not isinstance(value, bool):
+        try:
+            number = operator.index(value)
+        except TypeError:
+            if isinstance(value, float) and value.is_integer():
+                number = int(value)
+    if number is None or number < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    return int(value)
+    return number
