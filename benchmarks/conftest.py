@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -41,8 +40,9 @@ def budget(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(scope="session")
 def data_root(request: pytest.FixtureRequest) -> Path:
-    """--data-root, else $MEASURED_REPRO_DATA, else ../shared/data beside the checkout."""
-    given = request.config.getoption("--data-root") or os.environ.get("MEASURED_REPRO_DATA")
+    """--data-root, else ../shared/data beside the checkout (the benchmarks' harness only: the
+    libraries themselves read $FEWSHOT_CCD_DATA / $CMC_REC_DATA, which the Makefile sets to it)."""
+    given = request.config.getoption("--data-root")
     return Path(given) if given else ROOT.parent / "shared" / "data"
 
 

@@ -1,6 +1,6 @@
 """``implicit``'s ALS (Hu, Koren & Volinsky 2008) and BPR (Rendle et al. 2009) on the shared API.
 
-Optional: needs the ``implicit`` package (``pip install measured-repro[ranking]``); importing this
+Optional: needs the ``implicit`` package (``pip install tokenprune-diffusers[ranking]``); importing this
 module works without it, ``fit`` raises ``ImportError`` naming the extra.  Ranking-only models: the
 binary interaction matrix (ratings at or above ``min_rating`` when given) is what they learn from.
 """
@@ -29,7 +29,7 @@ def _require_implicit():
         import implicit.cpu.bpr
     except ImportError as err:
         raise ImportError("ImplicitALS / ImplicitBPR need the `implicit` package: "
-                          "pip install 'measured-repro[ranking]' (or pip install implicit)") from err
+                          "pip install 'tokenprune-diffusers[ranking]' (or pip install implicit)") from err
     return implicit
 
 

@@ -23,7 +23,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny budget (a few seconds)")
     parser.add_argument("--steps", type=int, default=300, help="training episodes")
     parser.add_argument("--method", choices=["protonet", "ccd", "ccd_qkv"], default="ccd")
-    parser.add_argument("--root", default=None, help="data root holding omniglot/ (default: env vars, ../shared/data)")
+    parser.add_argument("--root", default=None, help="data root holding omniglot/ (default: $FEWSHOT_CCD_DATA, then the cache folder)")
     args = parser.parse_args()
     small = 30 if args.smoke else None  # characters per set in smoke mode
     steps, ways, episodes = (5, 10, 20) if args.smoke else (args.steps, 60, 600)

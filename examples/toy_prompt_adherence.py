@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.3)
     parser.add_argument("--warmup", type=float, default=0.2)
     parser.add_argument("--weights", default=None, help="weights folder (default: the package's)")
-    parser.add_argument("--out", default="toy_adherence", help="folder for the picture grid")
+    parser.add_argument("--out", default="outputs/toy_adherence", help="folder for the picture grid")
     args = parser.parse_args()
     n, steps = (2, 4) if args.smoke else (args.n, args.steps)
     torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ._checks import finite
+
 __all__ = ["DependencyConfig", "ClassDependencyModule"]
 
 _NORMS = ("pre", "post", "none")
@@ -55,8 +57,8 @@ class DependencyConfig:
             raise ValueError(f"norm must be one of {_NORMS}, got {self.norm!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.adaptive_scale and not self.scale_init > 0:
-            raise ValueError(f"scale_init must be > 0, got {self.scale_init}")
+        if self.adaptive_scale:
+            finite("scale_init", self.scale_init, low=0.0, low_open=True)
 
 
 class ClassDependencyModule(nn.Module):
@@ -140,6 +142,9 @@ class ClassDependencyModule(nn.Module):
                 raise ValueError(f"mask must have shape {(b, n)}, got {tuple(mask.shape)}")
 
         cfg = self.config
+        x_in = x
+        if mask is not None:  # padded classes enter as zeros: a NaN / inf there cannot reach the real ones
+            x = torch.where(mask.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
         h = self.norm(x) if cfg.norm == "pre" else x  # (B, N, D)
         update = self._attend(h, mask)  # (B, N, D)
         if cfg.adaptive_scale:
@@ -148,7 +153,7 @@ class ClassDependencyModule(nn.Module):
         if cfg.norm == "post":
             out = self.norm(out)
         if mask is not None:
-            out = torch.where(mask.unsqueeze(-1), out, x)  # padded classes pass through unchanged
+            out = torch.where(mask.unsqueeze(-1), out, x_in)  # padded classes pass through unchanged
         return out.squeeze(0) if single else out
 
     def scale(self, h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ._checks import positive_int
 from .data.omniglot import LakeRun
 from .data.sampler import EpisodeSampler, split_episode
 from .methods.base import FewShotClassifier
@@ -82,6 +83,7 @@ def evaluate(
     :func:`embed_dataset` to share them between settings) and episodes are scored on features;
     this gives the same logits as ``model(support, labels, query)`` per episode, much faster.
     """
+    positive_int("episodes", episodes)  # before embedding the whole data set
     if features is None:
         features = embed_dataset(model, dataset, num_workers=num_workers)  # (M, D)
     if len(features) != len(dataset):
@@ -107,6 +109,7 @@ def evaluate_features(
     depend only on (labels, n_way, n_shot, n_query, episodes, seed)."""
     from tqdm.auto import tqdm
 
+    positive_int("episodes", episodes)
     if features.dim() != 2 or len(features) != len(labels):
         raise ValueError(f"features must be (M, D) with one label each, got {tuple(features.shape)} and "
                          f"{len(labels)} labels")

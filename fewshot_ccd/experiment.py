@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from ._atomic import atomic_write_text, check_writable
+from ._checks import finite, positive_int
 from .data.folders import MiniImageNet
 from .data.omniglot import OmniglotDataset, load_lake_runs
 from .data.paths import dataset_dir
@@ -63,7 +65,7 @@ class ExperimentConfig:
     contrastive_weight: float = 0.0  # FEAT's regulariser (CCD only)
     scale_init: float = 1e-2  # CCD's task-adaptive scale at initialisation (near the identity)
     distance: str = "euclidean"  # "euclidean" (squared, Snell et al.) | "euclidean_unsquared" (easyfsl) | "cosine"
-    root: str | None = None  # data root (None: env vars, then ../shared/data)
+    root: str | None = None  # data root (None: $FEWSHOT_CCD_DATA, then the cache folder)
     max_classes: int | None = None  # Omniglot: use only the first characters of each set (smoke runs)
     threads: int | None = None  # torch.set_num_threads (None: leave)
     num_workers: int = 0  # DataLoader workers (mini-ImageNet without cache decodes JPEG/PNG files per episode)
@@ -77,6 +79,11 @@ class ExperimentConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.distance not in DISTANCES:
             raise ValueError(f"distance must be one of {DISTANCES}, got {self.distance!r}")
+        finite("lr", self.lr, low=0.0, low_open=True)
+        finite("contrastive_weight", self.contrastive_weight, low=0.0)
+        finite("scale_init", self.scale_init, low=0.0, low_open=True)
+        for name in ("steps", "n_way", "n_shot", "n_query", "eval_episodes", "eval_query", "lr_decay_every"):
+            positive_int(name, getattr(self, name))
         if self.dataset != "omniglot" and self.max_classes is not None:
             raise ValueError(f"max_classes applies to Omniglot only, got {self.max_classes} with {self.dataset!r}")
 
@@ -196,14 +203,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cfg = ExperimentConfig(**{k: v for k, v in vars(args).items() if k not in ("out", "no_progress", "no_cache")},
                            progress=not args.no_progress, cache=not args.no_cache)
+    if args.out:  # before any work: an unwritable output must not cost a training run
+        check_writable(args.out, "--out file")
     result = run_experiment(cfg)
-    text = json.dumps(result, indent=2)
-    if args.out:
-        from .data.download import atomic_write_bytes
-
-        atomic_write_bytes(args.out, text.encode())
     lake_error = result["lake_runs"]["error"] if result["lake_runs"] else None
-    print(json.dumps({k: result[k] for k in ("accuracy", "train")} | {"lake_error": lake_error}, indent=1))
+    # printed first: if the write fails after all, the results are on screen
+    print(json.dumps({k: result[k] for k in ("accuracy", "train")} | {"lake_error": lake_error}, indent=1),
+          flush=True)
+    if args.out:
+        atomic_write_text(args.out, json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

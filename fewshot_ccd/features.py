@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._atomic import atomic_path, atomic_write_text
 from .data.sampler import EpisodeSampler, split_episode
 from .methods.base import FewShotClassifier
 from .train import TrainConfig
@@ -112,14 +113,7 @@ def cached_features(path: str | os.PathLike, compute, *, meta: dict) -> torch.Te
     feats = compute()
     if not torch.isfinite(feats).all():
         raise ValueError(f"computed features for {path} contain NaN or infinite values")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for target, write in ((path, lambda f: np.save(f, feats.float().numpy())),
-                          (side, lambda f: f.write(json.dumps(meta, indent=1).encode()))):
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                write(f)
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, feats.float().numpy())
+    atomic_write_text(side, json.dumps(meta, indent=1))
     return feats.float()

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ._atomic import atomic_write_text
 from .data.folders import MiniImageNet
 from .data.sampler import EpisodeSampler, split_episode
 from .dependency import ClassDependencyModule, DependencyConfig
@@ -135,13 +136,7 @@ def build_variant(v: Variant, dim: int, *, seed: int = 0, backbone: nn.Module | 
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(payload, indent=1))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_text(path, json.dumps(payload, indent=1))
 
 
 def _stage(path: Path, key: dict, compute) -> dict:

@@ -11,7 +11,6 @@ episodes; the best backbone is kept in ``best.pt`` and returned by :func:`load_p
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import time
@@ -22,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import dataset_fingerprint, load_checkpoint, save_checkpoint
 from .data.augment import AugmentConfig, augment_batch
 from .data.sampler import _MIX
-from .train import load_checkpoint, save_checkpoint
 
 __all__ = ["PretrainConfig", "PretrainResult", "pretrain", "load_pretrained", "dataset_fingerprint",
            "embed_images", "first_per_class", "BEST_NAME", "LAST_NAME"]
@@ -73,7 +72,7 @@ class PretrainConfig:
             raise ValueError(f"val_every must be >= 0 and val_query >= 1, got {self.val_every}, {self.val_query}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not 0.0 <= self.momentum < 1.0 or self.weight_decay < 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
+        if not 0.0 <= self.momentum < 1.0 or not self.weight_decay >= 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"need 0 <= momentum < 1, weight_decay >= 0, 0 <= min_lr_ratio <= 1; got "
                              f"{self.momentum}, {self.weight_decay}, {self.min_lr_ratio}")
         if self.val_per_class is not None and self.val_per_class < self.val_shot + self.val_query:
@@ -92,15 +91,6 @@ class PretrainResult:
     seconds: float = 0.0  # wall time of this call
     step_ms: float = 0.0  # mean training step time in this call (validation excluded)
     train_seconds: float = 0.0  # training-step time summed over every call of the run (resumes included)
-
-
-def dataset_fingerprint(dataset) -> str:
-    """Hex digest of a data set's file list and labels (checkpoints are bound to it)."""
-    h = hashlib.sha256()
-    for p in getattr(dataset, "paths", []):
-        h.update(f"{os.path.abspath(p)}\n".encode())
-    h.update(torch.as_tensor(dataset.labels).long().numpy().tobytes())
-    return h.hexdigest()[:24]
 
 
 def _load(dataset, indices: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,6 @@ averaged by DDP.  With one process it is plain single-device training.
 from __future__ import annotations
 
 import contextlib
-import os
 import resource
 import sys
 import time
@@ -18,12 +17,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ._checks import finite, positive_int
+from .checkpoint import (
+    check_resumable,
+    dataset_fingerprint,
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .data.sampler import EpisodeCollate, EpisodeSampler
 from .methods.base import FewShotClassifier
 
-__all__ = ["TrainConfig", "TrainResult", "meta_train", "save_checkpoint", "load_checkpoint", "peak_memory_mb"]
+__all__ = ["TrainConfig", "TrainResult", "meta_train", "run_config", "save_checkpoint", "load_checkpoint",
+           "peak_memory_mb"]
 
 CHECKPOINT_NAME = "last.pt"
+_RUN_ONLY = ("steps", "stop_after", "checkpoint_dir", "checkpoint_every", "resume", "num_workers", "progress",
+             "cpu")
 
 
 @dataclass
@@ -53,12 +63,14 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("n_way", "n_shot", "steps", "meta_batch", "lr_decay_every", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            positive_int(name, getattr(self, name))
         if self.n_query < 1:
             raise ValueError(f"n_query must be >= 1 for training, got {self.n_query}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        finite("lr", self.lr, low=0.0, low_open=True)
+        finite("lr_decay", self.lr_decay, low=0.0, low_open=True)
+        finite("weight_decay", self.weight_decay, low=0.0)
+        if self.grad_clip is not None:
+            finite("grad_clip", self.grad_clip, low=0.0, low_open=True)
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
 
@@ -82,20 +94,10 @@ def peak_memory_mb(device: torch.device | None = None) -> tuple[float, str]:
     return (rss / 2**20 if sys.platform == "darwin" else rss / 2**10), "rss"
 
 
-def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
-    """``torch.save`` to a temporary file in the same folder, then ``os.replace`` (atomic)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+def run_config(config: TrainConfig) -> dict:
+    """The fields of ``config`` that change what training computes: a checkpoint resumes only
+    under the same ones (``steps`` may grow; the rest may change between resumed calls)."""
+    return {k: v for k, v in asdict(config).items() if k not in _RUN_ONLY}
 
 
 class _EpisodeLoss(nn.Module):
@@ -134,10 +136,14 @@ def meta_train(
     result = TrainResult(steps=0)
 
     ckpt_path = Path(config.checkpoint_dir) / CHECKPOINT_NAME if config.checkpoint_dir else None
-    if ckpt_path is not None and config.resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path)
-        if state["config"]["seed"] != config.seed or state["config"]["meta_batch"] != config.meta_batch:
-            raise ValueError(f"checkpoint {ckpt_path} was written with a different seed or meta_batch")
+    fingerprint = dataset_fingerprint(dataset) if ckpt_path is not None else None
+    if ckpt_path is not None and config.resume and find_checkpoint(ckpt_path) is not None:
+        state = load_checkpoint(ckpt_path)  # falls back to the previous generation when the last is unreadable
+        check_resumable(state, ckpt_path, fingerprint=fingerprint, config=run_config(config))
+        if state["step"] > config.steps:
+            raise ValueError(f"the checkpoint in {ckpt_path.parent} has done {state['step']} steps, more than "
+                             f"steps={config.steps}: pass steps >= {state['step']}, another checkpoint_dir, "
+                             f"or resume=False")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -163,7 +169,8 @@ def meta_train(
         save_checkpoint(ckpt_path, {
             "model": accelerator.unwrap_model(wrapper).model.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "step": step, "config": asdict(config), "torch_rng": torch.get_rng_state(),
+            "step": step, "config": run_config(config), "fingerprint": fingerprint,
+            "torch_rng": torch.get_rng_state(),
             "losses": result.losses, "accuracies": result.accuracies,
         })
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,3 +35,12 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# The libraries read their data only from a path, an environment variable or their cache folder;
+# like the Makefile, the test suite points the variables at the checkout's ../shared/data when it
+# exists and they are not set, so that `pytest` run by hand finds the same data as `make test`.
+_SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+if _SHARED_DATA.is_dir():
+    for _var in ("FEWSHOT_CCD_DATA", "CMC_REC_DATA"):
+        os.environ.setdefault(_var, str(_SHARED_DATA))

@@ -198,9 +198,9 @@ def test_implicit_wrappers_rank_the_clusters_or_skip_with_the_reason():
     from cmc_rec.implicit_models import ImplicitALS, ImplicitBPR, implicit_available
 
     if not implicit_available():
-        with pytest.raises(ImportError, match="measured-repro\\[ranking\\]"):
+        with pytest.raises(ImportError, match="tokenprune-diffusers\\[ranking\\]"):
             ImplicitALS().fit(clustered())
-        pytest.skip("implicit is not installed (optional extra measured-repro[ranking])")
+        pytest.skip("implicit is not installed (optional extra tokenprune-diffusers[ranking])")
     data = clustered()
     train, test = per_user_split(data, 0.3, seed=0)
     als = ImplicitALS(factors=8, regularization=0.1, iterations=10, min_rating=4.0, seed=0).fit(train)

@@ -17,6 +17,7 @@ from fewshot_ccd.data import (
     MiniImageNet,
     OmniglotDataset,
     atomic_write_bytes,
+    cache_dir,
     data_root,
     download,
     load_lake_runs,
@@ -109,12 +110,20 @@ def test_sampler_as_dataloader_batch_sampler():
 
 # ---- data root / Omniglot -------------------------------------------------------------------------
 def test_data_root_precedence(monkeypatch, tmp_path):
-    monkeypatch.setenv("MEASURED_REPRO_DATA", str(tmp_path / "b"))
+    """argument, then $FEWSHOT_CCD_DATA, then the download cache; never a folder beside the checkout."""
+    monkeypatch.setenv("MEASURED_REPRO_DATA", str(tmp_path / "b"))  # no longer read
     monkeypatch.setenv("FEWSHOT_CCD_DATA", str(tmp_path / "a"))
+    monkeypatch.setenv("FEWSHOT_CCD_CACHE", str(tmp_path / "cache"))
     assert data_root() == tmp_path / "a"
     assert data_root(tmp_path / "c") == tmp_path / "c"
     monkeypatch.delenv("FEWSHOT_CCD_DATA")
-    assert data_root() == tmp_path / "b"
+    assert data_root() == tmp_path / "cache" == cache_dir()
+    with pytest.raises(FileNotFoundError, match=r"omniglot data not found.*the cache folder, since \$FEWSHOT_CCD_DATA is not set"):
+        omniglot_dir()
+    (tmp_path / "cache" / "omniglot").mkdir(parents=True)  # where download_omniglot() puts the files
+    (tmp_path / "cache" / "omniglot" / "images_background.npz").write_bytes(b"")
+    assert omniglot_dir() == tmp_path / "cache" / "omniglot"
+
 
 
 def test_missing_omniglot_is_a_clear_error(tmp_path):

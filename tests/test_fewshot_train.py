@@ -100,7 +100,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
     data = Synthetic(12, 6, seed=0)
     meta_train(_ccd(), data, _cfg(tmp_path, steps=2))
-    with pytest.raises(ValueError, match="different seed"):
+    with pytest.raises(ValueError, match=r"another configuration \(seed: 1 -> 5\)"):
         meta_train(_ccd(), data, _cfg(tmp_path, steps=4, seed=5))
 
 

@@ -12,6 +12,7 @@ or, keeping the processors already installed and the pipeline's tokenizer for re
     >>> remove_token_pruning(pipe)
 """
 
+from . import _extras  # noqa: F401  (first: a clear ImportError naming the extra on a base install)
 from .clock import CallInfo, GenerationClock, get_clock
 from .config import TokenPruneConfig
 from .deepcache import DeepCache, apply_deep_cache, get_deep_cache, remove_deep_cache

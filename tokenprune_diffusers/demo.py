@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ._atomic import atomic_write_text
 from .config import PADDING_POLICIES, TokenPruneConfig
 from .heatmap import render_heatmaps
 from .patch import apply_token_pruning, remove_token_pruning
@@ -90,7 +91,6 @@ def load_pipeline(args: argparse.Namespace):
         from diffusers import DiffusionPipeline
 
         pipe = DiffusionPipeline.from_pretrained(args.model, safety_checker=None)
-        pipe.set_progress_bar_config(disable=True)
         return pipe, f"{args.model}"
     from .models import sd15_pipeline, tiny_pipeline
 
@@ -101,7 +101,6 @@ def load_pipeline(args: argparse.Namespace):
     from .toy.model import load_toy_pipeline
 
     pipe = load_toy_pipeline()
-    pipe.set_progress_bar_config(disable=True)
     return pipe, "embedded toy model (trained on captioned shapes; tokenprune_diffusers.toy)"
 
 
@@ -168,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     Image.fromarray((pruned_img * 255).round().astype(np.uint8)).save(out / "pruned.png")
     heat = render_heatmaps(report, out / "heatmaps.png", image=stock_img) if report.maps else None
     summary = report.to_dict() | {"model": label, "stock_seconds": stock_s, "pruned_seconds": pruned_s, "psnr_db": psnr}
-    (out / "report.json").write_text(json.dumps(summary, indent=1))
+    atomic_write_text(out / "report.json", json.dumps(summary, indent=1))
     print(f"wrote {out / 'stock.png'}, {out / 'pruned.png'}, {heat or '(no heat maps)'}, {out / 'report.json'}")
     return 0
 

@@ -192,7 +192,6 @@ def _pipeline(unet_cfg: dict, vae_cfg: dict, text_cfg: dict, seed: int, dtype: t
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.set_progress_bar_config(disable=True)
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
 
 
@@ -256,7 +255,6 @@ def tiny_sdxl_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
             beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
         ),
     )
-    pipe.set_progress_bar_config(disable=True)
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
 
 
@@ -305,7 +303,6 @@ def tiny_sd3_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
         text_encoder_3=None,
         tokenizer_3=None,
     )
-    pipe.set_progress_bar_config(disable=True)
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
 
 
@@ -372,5 +369,4 @@ def tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, max_se
         tokenizer_2=tokenizer_2,
         transformer=transformer.eval(),
     )
-    pipe.set_progress_bar_config(disable=True)
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)

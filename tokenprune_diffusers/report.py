@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -124,14 +125,40 @@ class PruneReport:
         out["scoring"] = -sum(s.flops_scoring for s in self.steps) / stock if stock else 0.0
         return out
 
+    @property
+    def batch_size(self) -> int | None:
+        """Denoiser batch rows of the generation (None before any call was recorded)."""
+        for t in (self.roles, self.mass, self.keep, self.token_ids, *self.maps.values()):
+            if t is not None:
+                return int(t.shape[0])
+        return len(self.tokens) if self.tokens is not None else None
+
+    def row_index(self, row: int) -> int:
+        """``row`` as an index in ``[0, B)``; negative rows count from the end. Raises IndexError
+        naming the row and the batch size when it is out of range (never wraps around)."""
+        B = self.batch_size
+        try:
+            if isinstance(row, bool):
+                raise TypeError
+            row = operator.index(row)
+        except TypeError:
+            raise TypeError(f"row must be an integer, got {row!r}") from None
+        if B is None:
+            raise IndexError(f"row {row}: the report holds no rows yet (no generation recorded)")
+        if not -B <= row < B:
+            raise IndexError(f"row must be in [-{B}, {B}) for this report's batch of {B} rows, got {row}")
+        return row % B
+
     def kept_positions(self, row: int) -> list[int]:
         """Positions kept after the warm-up for one batch row (all when nothing was pruned)."""
+        row = self.row_index(row)
         if self.keep is None:
             n = self.roles.shape[1] if self.roles is not None else 0
             return list(range(n))
         return self.keep[row].nonzero().flatten().tolist()
 
     def pruned_positions(self, row: int) -> list[int]:
+        row = self.row_index(row)
         if self.keep is None:
             return []
         return (~self.keep[row]).nonzero().flatten().tolist()
@@ -140,7 +167,7 @@ class PruneReport:
         """Token strings of a row (``</w>`` stripped), optionally only at ``positions``."""
         if self.tokens is None:
             return []
-        toks = self.tokens[row]
+        toks = self.tokens[self.row_index(row)]
         positions = range(len(toks)) if positions is None else positions
         roles = self.roles[row] if self.roles is not None else None
         return [
@@ -160,7 +187,7 @@ class PruneReport:
         if not self.maps:
             return None
         size = size or max(self.maps, key=lambda hw: hw[0] * hw[1])
-        row = row % next(iter(self.maps.values())).shape[0]
+        row = self.row_index(row)
         total = None
         for hw, acc in self.maps.items():
             m = acc[row : row + 1] / self.map_counts[hw]  # (1, L, h, w)

@@ -219,6 +219,12 @@ def token_roles(token_ids: torch.Tensor, bos_id: int | None, eos_id: int | None)
     """Role of each position: start / end-of-text are SPECIAL, the words between them WORD, the
     rest PADDING.
 
+    The end of the text is found from the positions, not from the first end-of-text id: it is the
+    first position of the run of end-of-text ids that ends at the last one (CLIP pads with that id;
+    with another padding id the run is the end-of-text token alone). A literal ``<|endoftext|>``
+    typed inside the prompt is therefore SPECIAL (kept, never a candidate) and the words after it
+    stay words.
+
     Args:
         token_ids: (B, L) ids.
         bos_id, eos_id: the tokenizer's start and end-of-text ids.
@@ -229,10 +235,13 @@ def token_roles(token_ids: torch.Tensor, bos_id: int | None, eos_id: int | None)
     B, L = token_ids.shape
     pos = torch.arange(L, device=token_ids.device).expand(B, L)  # (B, L)
     is_eos = token_ids == eos_id if eos_id is not None else torch.zeros_like(token_ids, dtype=torch.bool)
-    first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full((B,), L, device=token_ids.device))  # (B,)
+    last_eos = torch.where(is_eos, pos, -1).amax(1)  # (B,), -1 when the row has none
+    last_other = torch.where(~is_eos & (pos < last_eos[:, None]), pos, -1).amax(1)  # (B,)
+    end = torch.where(last_eos >= 0, last_other + 1, torch.full_like(last_eos, L))  # (B,) end-of-text position
     roles = torch.full((B, L), WORD, dtype=torch.int8, device=token_ids.device)
-    roles[pos > first_eos[:, None]] = PADDING
-    roles[pos == first_eos[:, None]] = SPECIAL
+    roles[pos > end[:, None]] = PADDING
+    roles[pos == end[:, None]] = SPECIAL
+    roles[is_eos & (pos < end[:, None])] = SPECIAL  # end-of-text ids typed inside the prompt
     if bos_id is not None:
         roles[(pos == 0) & (token_ids == bos_id)] = SPECIAL
     return roles

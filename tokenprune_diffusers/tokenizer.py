@@ -14,6 +14,8 @@ import json
 import tempfile
 from pathlib import Path
 
+from ._extras import DIFFUSION_INSTALL
+
 __all__ = ["clip_bpe_path", "load_clip_tokenizer"]
 
 NUM_MERGES = 49152 - 256 - 2  # OpenAI CLIP keeps this many merges of the file
@@ -27,8 +29,7 @@ def clip_bpe_path() -> Path:
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
-            "The offline CLIP tokenizer needs the BPE file shipped by open_clip_torch: "
-            "pip install 'measured-repro[diffusion]'"
+            f"The offline CLIP tokenizer needs the BPE file shipped by open_clip_torch: {DIFFUSION_INSTALL}"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
     if not path.is_file():

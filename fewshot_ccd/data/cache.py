@@ -17,23 +17,15 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
+
+from .._atomic import atomic_path
+from .paths import cache_dir
 
 __all__ = ["cache_dir", "cache_key", "build_image_cache", "decode_image"]
 
 _VERSION = 1  # bump when the decoding changes
-
-
-def cache_dir(path: str | os.PathLike | None = None) -> Path:
-    """The folder for caches: ``path``, else ``$FEWSHOT_CCD_CACHE``, else the per-user cache folder."""
-    if path is not None:
-        return Path(path)
-    if os.environ.get("FEWSHOT_CCD_CACHE"):
-        return Path(os.environ["FEWSHOT_CCD_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "fewshot_ccd"
 
 
 def cache_key(paths: Sequence[str | os.PathLike], image_size: int, channels: int) -> str:
@@ -83,9 +75,7 @@ def build_image_cache(
         arr = np.load(target, mmap_mode="r")
         if arr.shape == shape and arr.dtype == np.uint8:
             return arr
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(target) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
         from tqdm.auto import tqdm  # lazy
 
@@ -96,7 +86,4 @@ def build_image_cache(
                 raise OSError(f"cannot decode image {p}: {err}") from err
         out.flush()
         del out
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
     return np.load(target, mmap_mode="r")

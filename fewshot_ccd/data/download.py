@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import urllib.request
 from pathlib import Path
+
+from .._atomic import atomic_path, atomic_write_bytes
+from .paths import cache_dir
 
 __all__ = ["OMNIGLOT_FILES", "sha256_file", "verify_file", "atomic_write_bytes", "download",
            "download_omniglot", "cache_dir"]
@@ -35,14 +37,6 @@ OMNIGLOT_FILES: dict[str, tuple[str, str]] = {
 }
 
 
-def cache_dir() -> Path:
-    """``$FEWSHOT_CCD_CACHE``, else ``$XDG_CACHE_HOME/fewshot_ccd``, else ``~/.cache/fewshot_ccd``."""
-    if os.environ.get("FEWSHOT_CCD_CACHE"):
-        return Path(os.environ["FEWSHOT_CCD_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "fewshot_ccd"
-
-
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -58,22 +52,6 @@ def verify_file(path: str | os.PathLike, sha256: str) -> None:
         raise ValueError(f"checksum mismatch for {path}: expected sha256 {sha256}, got {got}")
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Writes to a temporary file in the same folder, then ``os.replace``: never a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def download(url: str, dest: str | os.PathLike, *, sha256: str, timeout: float = 60.0) -> Path:
     """Fetches ``url`` to ``dest`` unless a file with the right checksum is already there.
 
@@ -87,17 +65,11 @@ def download(url: str, dest: str | os.PathLike, *, sha256: str, timeout: float =
             return dest
         except ValueError:
             pass  # stale or corrupted: fetch again
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as response:
+    with atomic_path(dest) as tmp:
+        with open(tmp, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as response:
             while block := response.read(1 << 20):
                 f.write(block)
         verify_file(tmp, sha256)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return dest
 
 

@@ -32,11 +32,14 @@ def load_image(path: str | os.PathLike, *, image_size: int | None = None, channe
     """Reads an image as float ``(C, H, W)`` in [0, 1], resized to ``image_size`` if given."""
     from PIL import Image  # lazy
 
-    with Image.open(path) as im:
-        im = im.convert("L" if channels == 1 else "RGB")
-        if image_size is not None and im.size != (image_size, image_size):
-            im = im.resize((image_size, image_size), Image.BILINEAR)
-        arr = np.asarray(im, dtype=np.float32) / 255.0
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if channels == 1 else "RGB")
+            if image_size is not None and im.size != (image_size, image_size):
+                im = im.resize((image_size, image_size), Image.BILINEAR)
+            arr = np.asarray(im, dtype=np.float32) / 255.0
+    except (OSError, ValueError, SyntaxError) as err:  # truncated / not an image (PIL raises these)
+        raise OSError(f"cannot read image {path}: {err}") from err
     return torch.from_numpy(arr).unsqueeze(0) if channels == 1 else torch.from_numpy(arr).permute(2, 0, 1)
 
 
@@ -88,6 +91,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         classes = list(classes)
         index = {c: i for i, c in enumerate(classes)}
         kept = [(Path(p), index[c]) for p, c in samples if c in index]
+        if not kept:
+            where = f"in {root}" if root is not None else "among the samples given"
+            raise ValueError(f"no images {where} (expected <class>/<image> files with an extension in "
+                             f"{IMAGE_EXTENSIONS}{'' if classes is None else f' for classes {list(classes)[:5]}'})")
         counts = np.bincount([label for _, label in kept], minlength=len(classes))
         empty = [classes[i] for i in np.flatnonzero(counts == 0)]
         if empty:
@@ -98,6 +105,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.num_classes = len(classes)
         self.image_size, self.channels, self.transform = image_size, channels, transform
         self.images = None
+        self._first_shape: tuple[tuple[int, ...], Path] | None = None  # image_size=None: every image must match
         if cache:
             if image_size is None:
                 raise ValueError("cache=... needs a fixed image_size (the cache holds one array)")
@@ -107,13 +115,26 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def _check_size(self, image: torch.Tensor, path: Path) -> None:
+        """Episodes stack images: without ``image_size`` they must all have the first one's size."""
+        if self._first_shape is None:
+            self._first_shape = (tuple(image.shape), path)
+        elif tuple(image.shape) != self._first_shape[0]:
+            (_, h, w), first = self._first_shape
+            raise ValueError(f"image {path} is {image.shape[2]}x{image.shape[1]} but {first} is {w}x{h}: the "
+                             f"images differ in size; pass image_size=... to resize them all")
+
     def load_batch(self, indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Images ``(B, C, H, W)`` float in [0, 1] of ``indices`` (no ``transform``); one array read
         when cached."""
         idx = torch.as_tensor(indices, dtype=torch.long).flatten()
         if self.images is None:
-            return torch.stack([load_image(self.paths[i], image_size=self.image_size, channels=self.channels)
-                                for i in idx.tolist()])
+            images = [load_image(self.paths[i], image_size=self.image_size, channels=self.channels)
+                      for i in idx.tolist()]
+            if self.image_size is None:
+                for i, image in zip(idx.tolist(), images):
+                    self._check_size(image, self.paths[i])
+            return torch.stack(images)
         arr = self.images[np.sort(idx.numpy())] if len(idx) else self.images[:0]
         order = torch.argsort(torch.argsort(idx))  # memmaps read fastest in file order; restore the order
         return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float().div_(255.0)[order]
@@ -123,6 +144,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             image = torch.from_numpy(np.array(self.images[index])).permute(2, 0, 1).float().div_(255.0)
         else:
             image = load_image(self.paths[index], image_size=self.image_size, channels=self.channels)
+            if self.image_size is None:
+                self._check_size(image, self.paths[index])
         if self.transform is not None:
             image = self.transform(image)
         return image, int(self.labels[index])

@@ -20,6 +20,7 @@ import io
 import os
 import re
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,11 +66,27 @@ def _read_png(data: bytes) -> np.ndarray:
         return np.asarray(im.convert("L")) > 127  # True = white background
 
 
+_CORRUPT = (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, zlib.error)  # what a damaged file raises
+
+
+def _unreadable(path, err: Exception, member: str | None = None) -> ValueError:
+    inside = f" (member {member})" if member else ""
+    return ValueError(f"{path}{inside} is unreadable, truncated or corrupt ({type(err).__name__}: {err}); "
+                      f"copy or download it again")
+
+
+def _read_member_png(zf: zipfile.ZipFile, name: str, zpath) -> np.ndarray:
+    try:
+        return _read_png(zf.read(name))
+    except _CORRUPT as err:
+        raise _unreadable(zpath, err, name) from err
+
+
 class OmniglotDataset(torch.utils.data.Dataset):
     """Omniglot characters as classes; items ``(image (1, S, S) float in [0, 1], label int)``.
 
     Args:
-        root: the data root or the ``omniglot`` folder itself (None: env vars, then shared folder).
+        root: the data root or the ``omniglot`` folder itself (None: $FEWSHOT_CCD_DATA, then the cache folder).
         split: ``"background"`` / ``"evaluation"`` (the npz full sets) or ``"small1"`` / ``"small2"``
             (the minimal background zips); or a path to a zip in the ``Alphabet/character/*.png`` layout.
         image_size: side S of the resized images (28 as usual; 105 keeps the originals).
@@ -97,8 +114,11 @@ class OmniglotDataset(torch.utils.data.Dataset):
             path = omniglot_dir(root) / _SPLITS[split]
             if not path.exists():
                 raise FileNotFoundError(f"Omniglot {split} set not found at {path}")
-            with np.load(path) as npz:
-                raw = npz["images"][:max_classes]  # (C, 20, 105, 105) bool
+            try:
+                with np.load(path) as npz:
+                    raw = npz["images"][:max_classes]  # (C, 20, 105, 105) bool
+            except _CORRUPT as err:
+                raise _unreadable(path, err) from err
             n_chars, per = raw.shape[:2]
             names = [f"char{i:04d}" for i in range(n_chars)]
             images = _to_ink(raw.reshape(-1, *raw.shape[2:]), image_size)  # (C * 20, S, S)
@@ -130,7 +150,11 @@ class OmniglotDataset(torch.utils.data.Dataset):
     @staticmethod
     def _read_zip(zpath: Path, image_size: int, max_classes: int | None) -> tuple[list[str], torch.Tensor, list[int]]:
         groups: dict[str, list[str]] = {}
-        with zipfile.ZipFile(zpath) as zf:
+        try:
+            zf = zipfile.ZipFile(zpath)
+        except _CORRUPT as err:
+            raise _unreadable(zpath, err) from err
+        with zf:
             for name in sorted(zf.namelist()):
                 if not name.lower().endswith(".png"):
                     continue
@@ -141,7 +165,7 @@ class OmniglotDataset(torch.utils.data.Dataset):
             if not groups:
                 raise ValueError(f"{zpath} holds no Alphabet/character/*.png images")
             names = sorted(groups)[:max_classes]
-            arrays = [_read_png(zf.read(f)) for n in names for f in groups[n]]
+            arrays = [_read_member_png(zf, f, zpath) for n in names for f in groups[n]]
         return names, _to_ink(np.stack(arrays), image_size), [len(groups[n]) for n in names]
 
     def __len__(self) -> int:
@@ -167,14 +191,22 @@ def load_lake_runs(root: str | os.PathLike | None = None, *, image_size: int = 2
     if not zpath.exists():
         raise FileNotFoundError(f"Lake's one-shot runs not found at {zpath}")
     runs = []
-    with zipfile.ZipFile(zpath) as zf:
+    try:
+        zf = zipfile.ZipFile(zpath)
+    except _CORRUPT as err:
+        raise _unreadable(zpath, err) from err
+    with zf:
         run_names = sorted({n.split("/")[0] for n in zf.namelist() if re.match(r"run\d+/", n)})
         for run in run_names:
-            pairs = [line.split() for line in zf.read(f"{run}/class_labels.txt").decode().splitlines()
+            try:
+                labels_text = zf.read(f"{run}/class_labels.txt").decode()
+            except _CORRUPT as err:
+                raise _unreadable(zpath, err, f"{run}/class_labels.txt") from err
+            pairs = [line.split() for line in labels_text.splitlines()
                      if line.strip()]
             train_files = sorted({t for _, t in pairs})
             index = {f: i for i, f in enumerate(train_files)}
-            to_ink = [_to_ink(np.stack([_read_png(zf.read(f)) for f in files]), image_size)
+            to_ink = [_to_ink(np.stack([_read_member_png(zf, f, zpath) for f in files]), image_size)
                       for files in (train_files, [q for q, _ in pairs])]
             runs.append(LakeRun(
                 name=run,

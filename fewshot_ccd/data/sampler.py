@@ -6,6 +6,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from .._checks import integer_labels
+
 __all__ = ["EpisodeSampler", "EpisodeCollate", "episode_labels", "split_episode"]
 
 _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: episode i gets seed (seed * _MIX + i) mod 2**63
@@ -50,7 +52,7 @@ class EpisodeSampler:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
-        labels = torch.as_tensor(labels).long().flatten()
+        labels = integer_labels(labels, "labels")
         classes, counts = torch.unique(labels, return_counts=True)
         need = n_shot + n_query
         small = counts < need

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import finite, integer_labels
+
 __all__ = ["DISTANCES", "FewShotClassifier", "check_support_labels"]
 
 DISTANCES = ("euclidean", "euclidean_unsquared", "cosine")
@@ -67,8 +69,7 @@ class FewShotClassifier(nn.Module):
         super().__init__()
         if distance not in DISTANCES:
             raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        finite("temperature", temperature, low=0.0, low_open=True)
         self.backbone = backbone
         self.distance = distance
         log_t = torch.tensor(float(temperature)).log()
@@ -164,12 +165,13 @@ class FewShotClassifier(nn.Module):
     @torch.no_grad()
     def fit(self, support_images: torch.Tensor, support_labels: torch.Tensor) -> FewShotClassifier:
         """Stores the (refined) prototypes of a support set; labels may be any integers."""
-        labels = torch.as_tensor(support_labels, device=support_images.device)
+        labels = torch.as_tensor(support_labels)
         if labels.dim() != 1 or len(labels) != len(support_images):
             raise ValueError(
                 f"need one label per support image: {len(support_images)} images, labels shape "
                 f"{tuple(labels.shape)}"
             )
+        labels = integer_labels(labels, "support_labels").to(support_images.device)
         classes, episode_labels = torch.unique(labels, sorted=True, return_inverse=True)
         was_training = self.training
         self.eval()

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import finite
 from ..dependency import ClassDependencyModule
 from .base import FewShotClassifier, check_support_labels
 
@@ -49,10 +50,8 @@ class CCDNet(FewShotClassifier):
                          learn_temperature=learn_temperature)
         if not isinstance(dependency, ClassDependencyModule):
             raise ValueError(f"dependency must be a ClassDependencyModule, got {type(dependency).__name__}")
-        if contrastive_weight < 0:
-            raise ValueError(f"contrastive_weight must be >= 0, got {contrastive_weight}")
-        if not contrastive_temperature > 0:
-            raise ValueError(f"contrastive_temperature must be > 0, got {contrastive_temperature}")
+        finite("contrastive_weight", contrastive_weight, low=0.0)
+        finite("contrastive_temperature", contrastive_temperature, low=0.0, low_open=True)
         self.dependency = dependency
         self.contrastive_weight = float(contrastive_weight)
         self.contrastive_temperature = float(contrastive_temperature)

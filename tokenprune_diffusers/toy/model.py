@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from .._atomic import atomic_path
+
 __all__ = [
     "ToyModelConfig",
     "WEIGHTS_DIR",
@@ -154,7 +156,6 @@ def assemble_pipeline(vae, text_encoder, unet, scheduler_config: dict | None = N
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
@@ -209,9 +210,8 @@ def save_weights(pipe_or_models, folder: str | Path, config: ToyModelConfig, tok
     }
     sizes = {}
     for name, state in states.items():
-        tmp = folder / (name + ".tmp")
-        save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp))
-        tmp.replace(folder / name)
+        with atomic_path(folder / name) as tmp:
+            save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp))
         sizes[name] = (folder / name).stat().st_size
     meta = dict(
         vae=dict(config.vae, scaling_factor=float(vae.config.scaling_factor)),

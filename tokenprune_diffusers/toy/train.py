@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .._atomic import atomic_path
 from .data import ToyShapesDataset, collate
 from .model import ToyModelConfig, assemble_pipeline, build_models, data_token_ids, save_weights
 
@@ -205,10 +205,8 @@ class _Trainer:
         self.history = list(state["history"])
 
     def save(self, out: Path) -> None:
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / (CHECKPOINT + ".tmp")
-        torch.save(self.state(), tmp)
-        os.replace(tmp, out / CHECKPOINT)
+        with atomic_path(out / CHECKPOINT) as tmp:
+            torch.save(self.state(), tmp)
 
     def ema_models(self):
         """(vae, text_encoder, unet) with the EMA weights (copies; the trained ones are untouched)."""
