@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -172,8 +173,9 @@ def _sequence_removed(report) -> tuple[float, float]:
     return on_pruned, 1.0 - float(np.mean(runs)) / length
 
 
-def evaluate(pipe, config: EvalConfig, settings=DEFAULT_SETTINGS, progress: bool = True) -> list[dict]:
-    """One row per (setting, object count): checker scores, FLOPs saved, words pruned, seconds."""
+def evaluate(pipe, config: EvalConfig, settings=DEFAULT_SETTINGS, progress: bool = True, on_row=None) -> list[dict]:
+    """One row per (setting, object count): checker scores, FLOPs saved, words pruned, seconds.
+    ``on_row(rows)`` is called with the rows so far after each one (e.g. to write partial results)."""
     from tqdm.auto import tqdm
 
     rows = []
@@ -229,6 +231,8 @@ def evaluate(pipe, config: EvalConfig, settings=DEFAULT_SETTINGS, progress: bool
                 seconds=seconds,
             )
         )
+        if on_row is not None:
+            on_row(rows)
     return rows
 
 
@@ -294,25 +298,33 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("--speed is for the UNet toy (gating, collapse and DeepCache are UNet options)")
         settings = DEFAULT_SETTINGS[:1] + SPEED_SETTINGS
     start = time.perf_counter()
-    rows = evaluate(pipe, config, settings=settings)
-    table = markdown_table(rows, kind=args.toy)
     sampler = "flow-matching Euler" if args.toy == "sd3" else "DPM-Solver++"
-    header = (
-        f"{args.toy} toy, n={config.n} prompts per object count, {config.steps} {sampler} steps, guidance "
-        f"{config.guidance_scale}, seed {config.seed}; {time.perf_counter() - start:.0f} s\n\n"
-    )
-    print(header + table)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(header + table)
-    if args.json:
-        record = dict(toy=args.toy, config=dataclasses.asdict(config), seconds=time.perf_counter() - start,
-                      settings=[Setting(*s)._asdict() for s in settings], rows=rows,
-                      weights=args.weights, checkpoint=args.checkpoint)
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=2)
-            f.write("\n")
 
+    def write(rows: list[dict]) -> str:
+        done = len(rows) == 2 * len(settings)
+        header = (
+            f"{args.toy} toy, n={config.n} prompts per object count, {config.steps} {sampler} steps, guidance "
+            f"{config.guidance_scale}, seed {config.seed}; {time.perf_counter() - start:.0f} s"
+            + ("" if done else f" (partial: {len(rows)} of {2 * len(settings)} rows)") + "\n\n"
+        )
+        text = header + markdown_table(rows, kind=args.toy)
+        if args.out:
+            _write_atomic(args.out, text)
+        if args.json:
+            record = dict(toy=args.toy, config=dataclasses.asdict(config), seconds=time.perf_counter() - start,
+                          complete=done, settings=[Setting(*s)._asdict() for s in settings], rows=rows,
+                          weights=args.weights, checkpoint=args.checkpoint)
+            _write_atomic(args.json, json.dumps(record, indent=2) + "\n")
+        return text
+
+    print(write(evaluate(pipe, config, settings=settings, on_row=write)))
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 if __name__ == "__main__":
     main()
