@@ -73,7 +73,7 @@ SD3_SETTINGS: tuple[tuple[str, dict | None], ...] = (
     ("threshold 0.3, warmup 0.2, padding keep", dict(threshold=0.3, warmup=0.2, padding="keep")),
 )
 # toy kind -> (num_inference_steps, guidance_scale) it is meant for (see docs/toy_model.md)
-KINDS: dict[str, tuple[int, float]] = {"unet": (15, 2.0), "sd3": (20, 3.0)}
+KINDS: dict[str, tuple[int, float]] = {"unet": (15, 2.0), "sd3": (10, 2.0)}
 _ATTRIBUTE_WORDS = frozenset([*COLORS, *SHAPES, *SIZES, *POSITIONS])
 
 
