@@ -66,7 +66,7 @@ def test_demo_cli_runs_the_sd3_toy(tmp_path):
         capture_output=True, text=True, timeout=600, cwd=ROOT, env=env,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "model: embedded SD3-shaped toy model" in proc.stdout and "PRUNED" in proc.stdout
+    assert "model: embedded SD3-shaped toy model" in proc.stdout and "padding: 0/" in proc.stdout  # every padding position dropped
     for name in ("stock.png", "pruned.png", "report.json"):
         assert (tmp_path / name).is_file()
 

@@ -64,12 +64,12 @@ SPEED_SETTINGS: tuple[Setting, ...] = (
 SD3_SETTINGS: tuple[tuple[str, dict | None], ...] = (
     ("stock", None),
     ("threshold 0.1, warmup 0.2", dict(threshold=0.1, warmup=0.2)),
+    ("threshold 0.1, warmup 0.2, padding drop", dict(threshold=0.1, warmup=0.2, padding="drop")),
+    ("threshold 0.1, warmup 0, padding drop", dict(threshold=0.1, warmup=0.0, padding="drop")),
+    ("threshold 0.3, warmup 0.2, padding drop", dict(threshold=0.3, warmup=0.2, padding="drop")),
+    ("threshold 0.5, warmup 0.2, padding drop", dict(threshold=0.5, warmup=0.2, padding="drop")),
     ("threshold 0.1, warmup 0", dict(threshold=0.1, warmup=0.0)),
     ("threshold 0.3, warmup 0.2", dict(threshold=0.3, warmup=0.2)),
-    ("threshold 0.3, warmup 0", dict(threshold=0.3, warmup=0.0)),
-    ("threshold 0.5, warmup 0.2", dict(threshold=0.5, warmup=0.2)),
-    ("threshold 0.1, warmup 0.2, padding drop", dict(threshold=0.1, warmup=0.2, padding="drop")),
-    ("threshold 0.3, warmup 0.2, padding drop", dict(threshold=0.3, warmup=0.2, padding="drop")),
     ("threshold 0.3, warmup 0.2, padding keep", dict(threshold=0.3, warmup=0.2, padding="keep")),
 )
 # toy kind -> (num_inference_steps, guidance_scale) it is meant for (see docs/toy_model.md)
@@ -284,6 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--weights", default=None, help="exported weights folder (default: the package's)")
     parser.add_argument("--checkpoint", default=None, help="evaluate a training run folder's EMA weights instead")
     parser.add_argument("--stock-only", action="store_true", help="only the stock row")
+    parser.add_argument("--only", action="append", default=None, metavar="LABEL", help="only this setting (repeatable)")
     parser.add_argument("--speed", action="store_true", help="stock and the speed options (gating, collapse, DeepCache; UNet toy)")
     parser.add_argument("--out", default=None, help="write the markdown table here")
     parser.add_argument("--json", default=None, help="write the rows, config and settings here as JSON")
@@ -293,6 +294,11 @@ def main(argv: list[str] | None = None) -> None:
     pipe = load_kind(args.toy, weights=args.weights, checkpoint=args.checkpoint)
     base = SD3_SETTINGS if args.toy == "sd3" else DEFAULT_SETTINGS
     settings = base[:1] if args.stock_only else base
+    if args.only:
+        unknown = sorted(set(args.only) - {Setting(*b).label for b in base})
+        if unknown:
+            parser.error(f"unknown setting(s) {unknown}; the settings are: {[Setting(*b).label for b in base]}")
+        settings = tuple(b for b in base if Setting(*b).label in args.only)
     if args.speed:
         if args.toy == "sd3":
             parser.error("--speed is for the UNet toy (gating, collapse and DeepCache are UNet options)")
