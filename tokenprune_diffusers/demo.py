@@ -1,6 +1,7 @@
 """The demo: stock vs pruned on the same seed, offline.
 
     python -m tokenprune_diffusers                       # the embedded, trained toy model (32 px, seconds)
+    python -m tokenprune_diffusers --toy-sd3             # the embedded SD3-shaped (MM-DiT) toy model
     python -m tokenprune_diffusers --sd15-random         # SD-1.5 architecture, random weights, 256 px (speed)
     python -m tokenprune_diffusers --model PATH_OR_HUB_ID # a real checkpoint, where one can be had
     python -m tokenprune_diffusers --tiny --steps 4       # seconds: a tiny random pipeline (smoke test)
@@ -26,12 +27,14 @@ from .config import PADDING_POLICIES, TokenPruneConfig
 from .heatmap import render_heatmaps
 from .patch import apply_token_pruning, remove_token_pruning
 from .processor import TokenPruneProcessor
+from .toy.evaluate import KINDS as TOY_KINDS  # the steps and guidance each toy is meant for
 
 DEFAULT_PROMPT = "a cat wearing a red hat, highly detailed, studio lighting, trending on artstation"
 TOY_PROMPT = "a small red circle on the left and a large blue square on the right, highly detailed, studio lighting"
 # per model: (prompt, steps, size, guidance scale) when not given
 _DEFAULTS = {
-    "toy": (TOY_PROMPT, 15, 32, 2.0),
+    "toy": (TOY_PROMPT, TOY_KINDS["unet"][0], 32, TOY_KINDS["unet"][1]),
+    "toy-sd3": (TOY_PROMPT, TOY_KINDS["sd3"][0], 32, TOY_KINDS["sd3"][1]),
     "sd15-random": (DEFAULT_PROMPT, 10, 256, 7.5),
     "tiny": (DEFAULT_PROMPT, 10, 64, 7.5),
     "model": (DEFAULT_PROMPT, 25, 512, 7.5),
@@ -48,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--model", default=None, help="hub id or local folder of a diffusers checkpoint (default: the embedded, trained toy model)")
     src.add_argument("--sd15-random", action="store_true", help="the SD-1.5 architecture with random weights (real speed, no content)")
+    src.add_argument("--toy-sd3", action="store_true", help="the embedded SD3-shaped toy model (StableDiffusion3Pipeline, T5 slot empty)")
     src.add_argument("--tiny", action="store_true", help="a tiny random pipeline (seconds; for smoke tests)")
     ap.add_argument("--prompt", default=None, help="default: a two-object prompt for the toy model, else a cat in a red hat")
     ap.add_argument("--negative-prompt", default=None)
@@ -67,7 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         group.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=f"{text}{shown}", **extra)
     ap.add_argument("--out", default="outputs/demo", help="folder for images, heat maps and report")
     args = ap.parse_args(argv)
-    args.source = "model" if args.model else "sd15-random" if args.sd15_random else "tiny" if args.tiny else "toy"
+    args.source = ("model" if args.model else "sd15-random" if args.sd15_random else "tiny" if args.tiny
+                   else "toy-sd3" if args.toy_sd3 else "toy")
     prompt, steps, size, guidance = _DEFAULTS[args.source]
     args.prompt = prompt if args.prompt is None else args.prompt
     args.steps = steps if args.steps is None else args.steps
@@ -100,6 +105,8 @@ def load_pipeline(args: argparse.Namespace):
         return sd15_pipeline(seed=args.seed), "SD-1.5 architecture, random weights (seeded)"
     from .toy.model import load_toy_pipeline
 
+    if args.source == "toy-sd3":
+        return load_toy_pipeline(kind="sd3"), "embedded SD3-shaped toy model (MM-DiT trained on captioned shapes; tokenprune_diffusers.toy.sd3)"
     pipe = load_toy_pipeline()
     return pipe, "embedded toy model (trained on captioned shapes; tokenprune_diffusers.toy)"
 

@@ -1,6 +1,7 @@
 """Prompt adherence of the toy model, stock and under token pruning, as a markdown table.
 
     python -m tokenprune_diffusers.toy.evaluate --n 200 --out adherence.md
+    python -m tokenprune_diffusers.toy.evaluate --toy sd3 --n 200 --out adherence_sd3.md
 
 Prompts are seeded samples of :class:`~tokenprune_diffusers.toy.data.ToyShapesDataset` (1-object
 and 2-object prompts evaluated separately, distractor phrases included); prompt ``i`` is always
@@ -12,6 +13,8 @@ checker (:mod:`~tokenprune_diffusers.toy.checker`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import time
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -19,13 +22,15 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .._atomic import atomic_write_text
 from ..deepcache import apply_deep_cache, remove_deep_cache
 from ..guidance import CollapseGuidance
 from ..patch import apply_token_pruning, remove_token_pruning
 from .checker import ATTRIBUTES, score_images
 from .data import COLORS, POSITIONS, SHAPES, SIZES, ToySample, ToyShapesDataset
 
-__all__ = ["EvalConfig", "Setting", "DEFAULT_SETTINGS", "SPEED_SETTINGS", "evaluation_samples", "generate", "evaluate", "markdown_table", "main"]
+__all__ = ["EvalConfig", "Setting", "DEFAULT_SETTINGS", "SPEED_SETTINGS", "SD3_SETTINGS", "KINDS", "evaluation_samples",
+           "generate", "evaluate", "markdown_table", "load_kind", "main"]
 
 
 class Setting(NamedTuple):
@@ -55,6 +60,20 @@ SPEED_SETTINGS: tuple[Setting, ...] = (
     Setting("gate 0.2 + collapse + DeepCache N=3", dict(threshold=0.1, warmup=0.1, gate=0.2), collapse=True,
             deep_cache=dict(interval=3)),
 )
+# the SD3 toy: thresholds x warm-ups x padding policies (its text is 77 CLIP + 256 zero positions)
+SD3_SETTINGS: tuple[tuple[str, dict | None], ...] = (
+    ("stock", None),
+    ("threshold 0.1, warmup 0.2", dict(threshold=0.1, warmup=0.2)),
+    ("threshold 0.1, warmup 0.2, padding drop", dict(threshold=0.1, warmup=0.2, padding="drop")),
+    ("threshold 0.1, warmup 0, padding drop", dict(threshold=0.1, warmup=0.0, padding="drop")),
+    ("threshold 0.3, warmup 0.2, padding drop", dict(threshold=0.3, warmup=0.2, padding="drop")),
+    ("threshold 0.5, warmup 0.2, padding drop", dict(threshold=0.5, warmup=0.2, padding="drop")),
+    ("threshold 0.1, warmup 0", dict(threshold=0.1, warmup=0.0)),
+    ("threshold 0.3, warmup 0.2", dict(threshold=0.3, warmup=0.2)),
+    ("threshold 0.3, warmup 0.2, padding keep", dict(threshold=0.3, warmup=0.2, padding="keep")),
+)
+# toy kind -> (num_inference_steps, guidance_scale) it is meant for (see docs/toy_model.md)
+KINDS: dict[str, tuple[int, float]] = {"unet": (15, 2.0), "sd3": (10, 2.0)}
 _ATTRIBUTE_WORDS = frozenset([*COLORS, *SHAPES, *SIZES, *POSITIONS])
 
 
@@ -67,6 +86,14 @@ class EvalConfig:
     guidance_scale: float = 2.0  # classifier-free guidance (2.0 beat 5.0 and 8.0 in a small sweep)
     seed: int = 10_000  # prompt set and noise seeds (disjoint from training seeds by default)
     batch_size: int = 50  # prompts per pipeline call
+
+    @classmethod
+    def for_kind(cls, kind: str, **options) -> EvalConfig:
+        """The config with the steps and guidance the toy ``kind`` ("unet" or "sd3") is meant for."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown toy kind {kind!r}; expected one of {sorted(KINDS)}")
+        steps, guidance = KINDS[kind]
+        return cls(**{"steps": steps, "guidance_scale": guidance, **options})
 
     def __post_init__(self) -> None:
         for name in ("n", "steps", "batch_size"):
@@ -127,8 +154,28 @@ def _pruned_shares(report, rows: int) -> tuple[int, int, int, int]:
     return ap, at, op, ot
 
 
-def evaluate(pipe, config: EvalConfig, settings=DEFAULT_SETTINGS, progress: bool = True) -> list[dict]:
-    """One row per (setting, object count): checker scores, FLOPs saved, words pruned, seconds."""
+def _reset(pipe) -> None:
+    """Stock processors again (DeepCache is a UNet option: an MM-DiT pipeline never has it)."""
+    if getattr(pipe, "unet", None) is not None:
+        remove_deep_cache(pipe)
+    remove_token_pruning(pipe)
+
+
+def _sequence_removed(report) -> tuple[float, float]:
+    """Share of the text sequence the denoiser no longer runs, from the report's kept counts: on
+    the pruned calls (the batch runs its longest row's kept count), and averaged over every call."""
+    if report.keep is None or not report.steps:
+        return 0.0, 0.0
+    length = report.keep.shape[1]
+    runs = [max(s.kept_counts) if s.pruned and s.kept_counts else length for s in report.steps]
+    pruned = [r for r, s in zip(runs, report.steps) if s.pruned]
+    on_pruned = 1.0 - float(np.mean(pruned)) / length if pruned else 0.0
+    return on_pruned, 1.0 - float(np.mean(runs)) / length
+
+
+def evaluate(pipe, config: EvalConfig, settings=DEFAULT_SETTINGS, progress: bool = True, on_row=None) -> list[dict]:
+    """One row per (setting, object count): checker scores, FLOPs saved, words pruned, seconds.
+    ``on_row(rows)`` is called with the rows so far after each one (e.g. to write partial results)."""
     from tqdm.auto import tqdm
 
     rows = []
@@ -137,9 +184,8 @@ def evaluate(pipe, config: EvalConfig, settings=DEFAULT_SETTINGS, progress: bool
         label = setting.label
         samples = evaluation_samples(config.n, k, config.seed)
         captions = [s.caption for s in samples]
-        stats = dict(flops=[], pruning=[], kv_reuse=[], positions=[], ap=0, at=0, op=0, ot=0)
-        remove_deep_cache(pipe)
-        remove_token_pruning(pipe)
+        stats = dict(flops=[], pruning=[], kv_reuse=[], positions=[], seq_pruned=[], seq_gen=[], ap=0, at=0, op=0, ot=0)
+        _reset(pipe)
         proc = None
         if setting.prune is not None:
             proc = apply_token_pruning(pipe, record_maps=False, **setting.prune)
@@ -155,6 +201,9 @@ def evaluate(pipe, config: EvalConfig, settings=DEFAULT_SETTINGS, progress: bool
             stats["pruning"].append(rep.savings()["pruning"])
             stats["kv_reuse"].append(rep.savings()["kv_reuse"])
             stats["positions"].append(0.0 if rep.keep is None else 1.0 - float(rep.keep.float().mean()))
+            pruned, generation = _sequence_removed(rep)
+            stats["seq_pruned"].append(pruned)
+            stats["seq_gen"].append(generation)
             ap, at, op, ot = _pruned_shares(proc.report, len(chunk))
             stats["ap"] += ap
             stats["at"] += at
@@ -164,8 +213,7 @@ def evaluate(pipe, config: EvalConfig, settings=DEFAULT_SETTINGS, progress: bool
         start = time.perf_counter()
         images = generate(pipe, captions, config, on_batch=on_batch, **extra)
         seconds = time.perf_counter() - start
-        remove_deep_cache(pipe)
-        remove_token_pruning(pipe)
+        _reset(pipe)
         scores = score_images(images, [s.objects for s in samples])
         rows.append(
             dict(
@@ -176,63 +224,107 @@ def evaluate(pipe, config: EvalConfig, settings=DEFAULT_SETTINGS, progress: bool
                 flops_saved_pruning=float(np.mean(stats["pruning"])) if stats["pruning"] else 0.0,
                 flops_saved_kv_reuse=float(np.mean(stats["kv_reuse"])) if stats["kv_reuse"] else 0.0,
                 positions_pruned=float(np.mean(stats["positions"])) if stats["positions"] else 0.0,
+                sequence_removed=float(np.mean(stats["seq_pruned"])) if stats["seq_pruned"] else 0.0,
+                sequence_removed_generation=float(np.mean(stats["seq_gen"])) if stats["seq_gen"] else 0.0,
                 attribute_pruned=stats["ap"] / stats["at"] if stats["at"] else 0.0,
                 other_pruned=stats["op"] / stats["ot"] if stats["ot"] else 0.0,
                 seconds=seconds,
             )
         )
+        if on_row is not None:
+            on_row(rows)
     return rows
 
 
-def markdown_table(rows: list[dict]) -> str:
-    """The evaluation rows as a GitHub markdown table (percentages)."""
+def markdown_table(rows: list[dict], kind: str = "unet") -> str:
+    """The evaluation rows as a GitHub markdown table (percentages); ``kind="sd3"`` shows the share of
+    the text sequence removed instead of the UNet's cross-attention FLOPs."""
     head = ["setting", "objects", "n", "all correct", *ATTRIBUTES, "count", "attribute words pruned",
-            "other words pruned", "text positions pruned", "x-attn FLOPs: by pruning", "by K/V reuse", "in all"]
+            "other words pruned", "text positions pruned"]
+    tail = (["text sequence removed (pruned calls)", "over the generation"] if kind == "sd3"
+            else ["x-attn FLOPs: by pruning", "by K/V reuse", "in all"])
+    head += tail
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["setting"], str(r["objects"]), str(r["n"]), f"**{100 * r['all']:.1f}**"]
         cells += [f"{100 * r[a]:.1f}" for a in ATTRIBUTES]
         cells += [f"{100 * r['count']:.1f}", f"{100 * r['attribute_pruned']:.1f}", f"{100 * r['other_pruned']:.1f}",
-                  f"{100 * r['positions_pruned']:.1f}", f"{100 * r['flops_saved_pruning']:.1f}",
-                  f"{100 * r['flops_saved_kv_reuse']:.1f}", f"{100 * r['flops_saved']:.1f}"]
+                  f"{100 * r['positions_pruned']:.1f}"]
+        keys = (["sequence_removed", "sequence_removed_generation"] if kind == "sd3"
+                else ["flops_saved_pruning", "flops_saved_kv_reuse", "flops_saved"])
+        cells += [f"{100 * r[k]:.1f}" for k in keys]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+def load_kind(kind: str, weights: str | None = None, checkpoint: str | None = None):
+    """The toy pipeline of ``kind``: from a training run folder's EMA weights, an exported folder, or the package."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown toy kind {kind!r}; expected one of {sorted(KINDS)}")
+    if checkpoint:
+        if kind == "sd3":
+            from .train_sd3 import sd3_pipeline_from_checkpoint
+
+            return sd3_pipeline_from_checkpoint(checkpoint)
+        from .train import pipeline_from_checkpoint
+
+        return pipeline_from_checkpoint(checkpoint)
+    from .model import load_toy_pipeline
+
+    return load_toy_pipeline(weights, kind=kind)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--toy", choices=sorted(KINDS), default="unet", help="which toy model (UNet or SD3-shaped MM-DiT)")
     parser.add_argument("--n", type=int, default=EvalConfig.n, help="prompts per object count")
-    parser.add_argument("--steps", type=int, default=EvalConfig.steps, help="num_inference_steps")
-    parser.add_argument("--guidance-scale", type=float, default=EvalConfig.guidance_scale)
+    parser.add_argument("--steps", type=int, default=None, help="num_inference_steps (default: the toy's, see KINDS)")
+    parser.add_argument("--guidance-scale", type=float, default=None, help="default: the toy's, see KINDS")
     parser.add_argument("--seed", type=int, default=EvalConfig.seed)
     parser.add_argument("--weights", default=None, help="exported weights folder (default: the package's)")
     parser.add_argument("--checkpoint", default=None, help="evaluate a training run folder's EMA weights instead")
     parser.add_argument("--stock-only", action="store_true", help="only the stock row")
-    parser.add_argument("--speed", action="store_true", help="stock and the speed options (gating, collapse, DeepCache)")
+    parser.add_argument("--only", action="append", default=None, metavar="LABEL", help="only this setting (repeatable)")
+    parser.add_argument("--speed", action="store_true", help="stock and the speed options (gating, collapse, DeepCache; UNet toy)")
     parser.add_argument("--out", default=None, help="write the markdown table here")
+    parser.add_argument("--json", default=None, help="write the rows, config and settings here as JSON")
     args = parser.parse_args(argv)
-    config = EvalConfig(n=args.n, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed)
-    if args.checkpoint:
-        from .train import pipeline_from_checkpoint
-
-        pipe = pipeline_from_checkpoint(args.checkpoint)
-    else:
-        from .model import load_toy_pipeline
-
-        pipe = load_toy_pipeline(args.weights)
-    settings = DEFAULT_SETTINGS[:1] if args.stock_only else DEFAULT_SETTINGS
+    given = {k: v for k, v in (("steps", args.steps), ("guidance_scale", args.guidance_scale)) if v is not None}
+    config = EvalConfig.for_kind(args.toy, n=args.n, seed=args.seed, **given)
+    pipe = load_kind(args.toy, weights=args.weights, checkpoint=args.checkpoint)
+    base = SD3_SETTINGS if args.toy == "sd3" else DEFAULT_SETTINGS
+    settings = base[:1] if args.stock_only else base
+    if args.only:
+        unknown = sorted(set(args.only) - {Setting(*b).label for b in base})
+        if unknown:
+            parser.error(f"unknown setting(s) {unknown}; the settings are: {[Setting(*b).label for b in base]}")
+        settings = tuple(b for b in base if Setting(*b).label in args.only)
     if args.speed:
+        if args.toy == "sd3":
+            parser.error("--speed is for the UNet toy (gating, collapse and DeepCache are UNet options)")
         settings = DEFAULT_SETTINGS[:1] + SPEED_SETTINGS
     start = time.perf_counter()
-    table = markdown_table(evaluate(pipe, config, settings=settings))
-    header = (
-        f"n={config.n} prompts per object count, {config.steps} DPM-Solver++ steps, guidance "
-        f"{config.guidance_scale}, seed {config.seed}; {time.perf_counter() - start:.0f} s\n\n"
-    )
-    print(header + table)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(header + table)
+    sampler = "flow-matching Euler" if args.toy == "sd3" else "DPM-Solver++"
+
+    def write(rows: list[dict]) -> str:
+        done = len(rows) == 2 * len(settings)
+        header = (
+            f"{args.toy} toy, n={config.n} prompts per object count, {config.steps} {sampler} steps, guidance "
+            f"{config.guidance_scale}, seed {config.seed}; {time.perf_counter() - start:.0f} s"
+            + ("" if done else f" (partial: {len(rows)} of {2 * len(settings)} rows)") + "\n\n"
+        )
+        text = header + markdown_table(rows, kind=args.toy)
+        if args.out:
+            atomic_write_text(args.out, text)
+        if args.json:
+            record = dict(toy=args.toy, config=dataclasses.asdict(config), seconds=time.perf_counter() - start,
+                          complete=done, settings=[Setting(*s)._asdict() for s in settings], rows=rows,
+                          weights=args.weights, checkpoint=args.checkpoint)
+            atomic_write_text(args.json, json.dumps(record, indent=2) + "\n")
+        return text
+
+    print(write(evaluate(pipe, config, settings=settings, on_row=write)))
+
 
 
 if __name__ == "__main__":

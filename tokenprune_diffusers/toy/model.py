@@ -70,7 +70,7 @@ def _default_unet() -> dict:
     )
 
 
-def _default_text() -> dict:
+def default_text_config() -> dict:
     return dict(
         vocab_size=49408,
         hidden_size=64,
@@ -96,7 +96,7 @@ class ToyModelConfig:
 
     vae: dict = field(default_factory=_default_vae)  # diffusers AutoencoderKL(**vae)
     unet: dict = field(default_factory=_default_unet)  # diffusers UNet2DConditionModel(**unet)
-    text: dict = field(default_factory=_default_text)  # transformers CLIPTextConfig(**text)
+    text: dict = field(default_factory=default_text_config)  # transformers CLIPTextConfig(**text)
     scheduler: dict = field(default_factory=_default_scheduler)  # DDPM (training) / DPM-Solver (sampling)
 
     def __post_init__(self) -> None:
@@ -115,12 +115,12 @@ class ToyModelConfig:
         """An even smaller model for tests (trains a few steps in about a second)."""
         vae = _default_vae() | dict(block_out_channels=[8, 8, 8], norm_num_groups=4)
         unet = _default_unet() | dict(block_out_channels=[16, 16], norm_num_groups=8, cross_attention_dim=16)
-        text = _default_text() | dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+        text = default_text_config() | dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
         return cls(vae=vae, unet=unet, text=text)
 
 
 @contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
+def seeded(seed: int) -> Iterator[None]:
     """Seed module initialisation without touching the caller's global RNG."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -132,7 +132,7 @@ def build_models(config: ToyModelConfig, seed: int = 0):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    with _seeded(seed):
+    with seeded(seed):
         vae = AutoencoderKL(**config.vae)
         text_encoder = CLIPTextModel(CLIPTextConfig(**config.text))
         unet = UNet2DConditionModel(**config.unet)
@@ -172,12 +172,34 @@ def data_token_ids(tokenizer=None) -> list[int]:
     return sorted(ids)
 
 
-def _embedding_key(state: dict) -> str:
+def embedding_key(state: dict) -> str:
     keys = [k for k in state if k.endswith(EMBEDDING_SUFFIX)]
     if len(keys) != 1:
         raise KeyError(f"expected one token-embedding key ending in {EMBEDDING_SUFFIX!r}, found {keys}")
     return keys[0]
 
+
+def shrink_embeddings(text_state: dict, token_ids: list[int]) -> dict:
+    """A copy of a text encoder's state dict keeping only the ``token_ids`` rows of its token
+    embedding (plus ``stored_token_ids``); :func:`expand_embeddings` undoes it (other rows zero)."""
+    state = {k: v.detach().clone().contiguous() for k, v in text_state.items()}
+    key = embedding_key(state)
+    ids = torch.tensor(token_ids, dtype=torch.int64)  # (V_used,)
+    state[key] = state[key][ids].contiguous()  # (V_used, hidden)
+    state["stored_token_ids"] = ids
+    return state
+
+
+def expand_embeddings(stored: dict, vocab_size: int) -> dict:
+    """The full state dict from :func:`shrink_embeddings`' output: rows not stored are zeros."""
+    state = dict(stored)
+    ids = state.pop("stored_token_ids")  # (V_used,)
+    key = embedding_key(state)
+    rows = state[key]  # (V_used, hidden)
+    full = torch.zeros(vocab_size, rows.shape[1], dtype=rows.dtype)  # (V, hidden)
+    full[ids] = rows
+    state[key] = full
+    return state
 
 def save_weights(pipe_or_models, folder: str | Path, config: ToyModelConfig, token_ids: list[int]) -> dict[str, int]:
     """Write ``{vae,unet,text_encoder}.safetensors`` and ``config.json`` into ``folder``.
@@ -198,11 +220,7 @@ def save_weights(pipe_or_models, folder: str | Path, config: ToyModelConfig, tok
         vae, text_encoder, unet = pipe_or_models.vae, pipe_or_models.text_encoder, pipe_or_models.unet
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    text_state = {k: v.detach().clone().contiguous() for k, v in text_encoder.state_dict().items()}
-    key = _embedding_key(text_state)
-    ids = torch.tensor(token_ids, dtype=torch.int64)  # (V_used,)
-    text_state[key] = text_state[key][ids].contiguous()  # (V_used, hidden)
-    text_state["stored_token_ids"] = ids
+    text_state = shrink_embeddings(text_encoder.state_dict(), token_ids)
     states = {
         "vae.safetensors": vae.state_dict(),
         "unet.safetensors": unet.state_dict(),
@@ -224,17 +242,29 @@ def save_weights(pipe_or_models, folder: str | Path, config: ToyModelConfig, tok
     return sizes
 
 
-def load_toy_pipeline(folder: str | Path | None = None, dtype: torch.dtype = torch.float32):
-    """The trained toy model as a ``StableDiffusionPipeline``, loaded offline.
+def load_toy_pipeline(folder: str | Path | None = None, dtype: torch.dtype = torch.float32, kind: str = "unet"):
+    """The trained toy model, loaded offline: a ``StableDiffusionPipeline`` (``kind="unet"``, the
+    default) or the SD3-shaped MM-DiT toy as a ``StableDiffusion3Pipeline`` (``kind="sd3"``, see
+    :mod:`~tokenprune_diffusers.toy.sd3`).
 
     Args:
-        folder: a folder written by :func:`save_weights`; default: the weights shipped in the package.
+        folder: a folder written by :func:`save_weights` (or :func:`~.sd3.save_sd3_weights`);
+            default: the weights of that kind shipped in the package.
         dtype: parameter dtype of the returned pipeline.
+        kind: "unet" or "sd3".
 
     Raises:
         FileNotFoundError: when the folder lacks the weights (they have not been trained/exported).
+        ValueError: for another ``kind``.
     """
     from safetensors.torch import load_file
+
+    if kind == "sd3":
+        from .sd3 import load_sd3_pipeline
+
+        return load_sd3_pipeline(folder, dtype=dtype)
+    if kind != "unet":
+        raise ValueError(f"unknown toy kind {kind!r}; expected 'unet' or 'sd3'")
 
     folder = Path(folder) if folder is not None else WEIGHTS_DIR
     needed = ["config.json", "vae.safetensors", "unet.safetensors", "text_encoder.safetensors"]
@@ -250,13 +280,6 @@ def load_toy_pipeline(folder: str | Path | None = None, dtype: torch.dtype = tor
     vae, text_encoder, unet = build_models(config, seed=0)
     vae.load_state_dict(load_file(str(folder / "vae.safetensors")))
     unet.load_state_dict(load_file(str(folder / "unet.safetensors")))
-    text_state = load_file(str(folder / "text_encoder.safetensors"))
-    ids = text_state.pop("stored_token_ids")  # (V_used,)
-    key = _embedding_key(text_state)
-    rows = text_state[key]  # (V_used, hidden)
-    full = torch.zeros(config.text["vocab_size"], rows.shape[1], dtype=rows.dtype)  # (V, hidden)
-    full[ids] = rows
-    text_state[key] = full
-    text_encoder.load_state_dict(text_state)
+    text_encoder.load_state_dict(expand_embeddings(load_file(str(folder / "text_encoder.safetensors")), config.text["vocab_size"]))
     pipe = assemble_pipeline(vae, text_encoder, unet, scheduler_config=config.scheduler)
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)

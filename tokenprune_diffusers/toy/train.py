@@ -32,7 +32,8 @@ from .._atomic import atomic_path
 from .data import ToyShapesDataset, collate
 from .model import ToyModelConfig, assemble_pipeline, build_models, data_token_ids, save_weights
 
-__all__ = ["TrainConfig", "train", "load_checkpoint", "export_checkpoint", "pipeline_from_checkpoint", "main"]
+__all__ = ["TrainConfig", "train", "load_checkpoint", "export_checkpoint", "pipeline_from_checkpoint", "main",
+           "step_generator", "run_loop", "load_state_file", "save_state_file"]
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -73,12 +74,56 @@ class TrainConfig:
             self.model = ToyModelConfig(**self.model)
 
 
-def _step_generator(seed: int, step: int) -> torch.Generator:
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator of every random draw of training step ``step`` of a run seeded ``seed``."""
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def save_state_file(out: Path, state: dict) -> None:
+    """Write ``out/checkpoint.pt`` atomically (temporary file, then ``os.replace``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / CHECKPOINT) as tmp:
+        torch.save(state, tmp)
+
+
+def load_state_file(out: str | Path) -> dict | None:
+    """The state stored in ``out/checkpoint.pt``, or None when there is none."""
+    path = Path(out) / CHECKPOINT
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def run_loop(trainer, out: Path, ckpt_every: int, progress: bool = True, stop_after: int | None = None):
+    """Drive ``trainer`` from ``trainer.step`` to ``trainer.total``: ``trainer.train_step()`` -> (phase, loss)
+    does step ``trainer.step``; checkpoints (``trainer.state()``) every ``ckpt_every`` steps and at the end."""
+    from tqdm.auto import tqdm
+
+    done_here = 0
+    bar = tqdm(total=trainer.total, initial=trainer.step, disable=not progress, desc=trainer.name, dynamic_ncols=True)
+    running = math.nan
+    while trainer.step < trainer.total and (stop_after is None or done_here < stop_after):
+        phase, loss = trainer.train_step()
+        if not math.isfinite(loss):
+            bar.close()
+            raise FloatingPointError(f"training loss became {loss} at step {trainer.step}; the last checkpoint is in {out}")
+        trainer.history.append((trainer.step, loss))
+        trainer.step += 1
+        done_here += 1
+        running = loss if math.isnan(running) else 0.98 * running + 0.02 * loss
+        bar.set_postfix(phase=phase, loss=f"{running:.4f}")
+        bar.update(1)
+        if ckpt_every and trainer.step % ckpt_every == 0:
+            save_state_file(Path(out), trainer.state())
+    bar.close()
+    save_state_file(Path(out), trainer.state())
+    return trainer
 
 
 class _Trainer:
     """Holds the networks, optimisers and EMA; one method per training phase step."""
+
+    name = "toy"
 
     def __init__(self, config: TrainConfig):
         from diffusers import DDPMScheduler
@@ -95,6 +140,7 @@ class _Trainer:
         self.opt = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=0.0)
         self.ema = [p.detach().clone() for p in self.params]
         self.step = 0  # global step: phase 1 is 0 .. vae_steps-1, phase 2 after
+        self.total = config.vae_steps + config.steps
         self.history: list[tuple[int, float]] = []  # (global step, loss)
 
     # --- data -------------------------------------------------------------------------------
@@ -109,9 +155,18 @@ class _Trainer:
         ).input_ids  # (B, 77)
         return self.text_encoder(ids)[0]  # (B, 77, hidden)
 
+    def train_step(self) -> tuple[str, float]:
+        """Global step ``self.step`` (the loop then advances it); the scaling factor is set after phase 1."""
+        if self.step < self.config.vae_steps:
+            loss = self.vae_step()
+            if self.step + 1 == self.config.vae_steps:
+                self.set_scaling_factor()
+            return "vae", loss
+        return "unet", self.unet_step()
+
     # --- phase 1 ----------------------------------------------------------------------------
     def vae_step(self) -> float:
-        g = _step_generator(self.config.seed, self.step)
+        g = step_generator(self.config.seed, self.step)
         images, _ = self.batch(self.step)  # (B, 3, 32, 32)
         self.vae.train()
         posterior = self.vae.encode(images).latent_dist
@@ -147,7 +202,7 @@ class _Trainer:
 
     def unet_step(self) -> float:
         s = self.step - self.config.vae_steps  # phase-2 step
-        g = _step_generator(self.config.seed, self.step)
+        g = step_generator(self.config.seed, self.step)
         images, captions = self.batch(self.step)
         self.unet.train()
         self.text_encoder.train()
@@ -205,8 +260,7 @@ class _Trainer:
         self.history = list(state["history"])
 
     def save(self, out: Path) -> None:
-        with atomic_path(out / CHECKPOINT) as tmp:
-            torch.save(self.state(), tmp)
+        save_state_file(Path(out), self.state())
 
     def ema_models(self):
         """(vae, text_encoder, unet) with the EMA weights (copies; the trained ones are untouched)."""
@@ -242,45 +296,23 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True, stop_afte
     Returns:
         The trainer (its ``history`` holds ``(global step, loss)``; see :func:`export_checkpoint`).
     """
-    from tqdm.auto import tqdm
-
     out = Path(out)
-    if (out / CHECKPOINT).is_file():
-        state = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=False)
+    state = load_state_file(out)
+    if state is not None:
         saved = _config_from_state(state)
         config = dataclasses.replace(saved, steps=config.steps, ckpt_every=config.ckpt_every)
         trainer = _Trainer(config)
         trainer.load_state(state)
     else:
         trainer = _Trainer(config)
-    total = config.vae_steps + config.steps
-    done_here = 0
-    bar = tqdm(total=total, initial=trainer.step, disable=not progress, desc="toy", dynamic_ncols=True)
-    running = math.nan
-    while trainer.step < total and (stop_after is None or done_here < stop_after):
-        phase_vae = trainer.step < config.vae_steps
-        loss = trainer.vae_step() if phase_vae else trainer.unet_step()
-        trainer.history.append((trainer.step, loss))
-        trainer.step += 1
-        done_here += 1
-        if trainer.step == config.vae_steps:
-            trainer.set_scaling_factor()
-        running = loss if math.isnan(running) else 0.98 * running + 0.02 * loss
-        bar.set_postfix(phase="vae" if phase_vae else "unet", loss=f"{running:.4f}")
-        bar.update(1)
-        if config.ckpt_every and trainer.step % config.ckpt_every == 0:
-            trainer.save(out)
-    bar.close()
-    trainer.save(out)
-    return trainer
+    return run_loop(trainer, out, config.ckpt_every, progress=progress, stop_after=stop_after)
 
 
 def load_checkpoint(out: str | Path) -> _Trainer:
     """The trainer state stored in ``out/checkpoint.pt``."""
-    path = Path(out) / CHECKPOINT
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_state_file(out)
+    if state is None:
+        raise FileNotFoundError(f"no checkpoint at {Path(out) / CHECKPOINT}")
     trainer = _Trainer(_config_from_state(state))
     trainer.load_state(state)
     return trainer
