@@ -147,7 +147,7 @@ def test_pruning_runs_and_shortens_the_text_stream(pipe):
         remove_token_pruning(pipe)
     rep = proc.report
     assert rep.keep.shape == (2, 77 + MAX_SEQUENCE_LENGTH)
-    assert lengths[0] == 333 and max(lengths[1:]) < 40  # the padding dropped, at most the prompt's tokens remain
+    assert max(lengths) < 40  # padding="drop": the padding is left out from the first call, at most the prompt's tokens remain
     assert rep.steps[-1].kept_counts is not None and lengths[-1] == max(rep.steps[-1].kept_counts)
 
 
