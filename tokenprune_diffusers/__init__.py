@@ -20,7 +20,7 @@ from .mmdit import SUPPORTED_MMDIT_PIPELINES, JointTokenPruneProcessor, MMDiTTok
 from .patch import apply_token_pruning, get_token_pruning, remove_token_pruning
 from .processor import TokenPruneProcessor
 from .report import PruneReport, StepRecord
-from .schedule import CallPlan, Schedule, deep_cache_plan, plan_generation
+from .schedule import CallPlan, NonUniform, Schedule, deep_cache_plan, plan_generation
 from .tokenizer import load_clip_tokenizer
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "CallPlan",
     "plan_generation",
     "deep_cache_plan",
+    "NonUniform",
     "load_clip_tokenizer",
 ]
 
