@@ -328,3 +328,41 @@ def test_the_non_uniform_schedule_is_followed_in_a_pipeline(pipe, schedule):
     assert tuple(cache.schedule) == deep_cache_plan(n, 3, schedule=spec)
     assert tuple(cache.schedule) != deep_cache_plan(n, 3)
     assert len(calls) == cache.schedule.count(False)
+
+
+@pytest.fixture(scope="module")
+def sd_layout_pipe(tiny_pipe):
+    """The tiny pipeline with a UNet of the Stable Diffusion layout (two resnets and a downsampler
+    per block), on DDIM (the peer finds the step by its timestep: PNDM repeats one)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    from tokenprune_diffusers.models import TINY_UNET_CONFIG
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**dict(TINY_UNET_CONFIG, layers_per_block=2)).eval()
+    scheduler = DDIMScheduler.from_config(tiny_pipe.scheduler.config)
+    return StableDiffusionPipeline(**{**tiny_pipe.components, "unet": unet, "scheduler": scheduler})
+
+
+@pytest.mark.parametrize("interval, branch", [(3, 0), (2, 1), (3, 2), (4, 4), (3, 5)])
+def test_branches_match_the_deepcache_package(sd_layout_pipe, interval, branch):
+    """Optional peer check (skipped without the ``DeepCache`` package): our ``branch`` is its
+    ``cache_branch_id`` on the SD layout, and the images agree."""
+    peer = pytest.importorskip("DeepCache")
+    pipe = sd_layout_pipe
+    helper = peer.DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=interval, cache_branch_id=branch)
+    helper.enable()
+    try:
+        theirs = generate(pipe, steps=7)
+    finally:
+        helper.disable()
+    cache = apply_deep_cache(pipe, interval=interval, branch=branch)
+    try:
+        ours = generate(pipe, steps=7)
+    finally:
+        remove_deep_cache(pipe)
+    assert cache.schedule == [c % interval != 0 for c in range(7)]
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6)
+    if branch < 5:
+        assert not np.allclose(ours, generate(pipe, steps=7), atol=1e-3)  # the comparison is not vacuous
