@@ -119,11 +119,13 @@ def test_each_generation_starts_a_new_cache(pipe):
     assert cache.schedule == [c % 2 == 1 for c in range(len(cache.schedule))]
 
 
-def test_composes_with_pruning_gating_and_guidance_collapse(pipe):
+@pytest.mark.parametrize("branch", [None, 0])
+def test_composes_with_pruning_gating_and_guidance_collapse(pipe, branch):
     """After the collapse the batch halves: that call is full, later ones are cached again, and the
-    gated cross-attention layers that DeepCache skipped when the gate filled are kept later."""
+    gated cross-attention layers that DeepCache skipped when the gate filled are kept later (at
+    branch 0 the outer up block's first attention is skipped too)."""
     proc = apply_token_pruning(pipe, top_k=2, warmup=0.2, gate=0.5)
-    cache = apply_deep_cache(pipe, interval=2)
+    cache = apply_deep_cache(pipe, interval=2, branch=branch)
     batches = []
     handle = pipe.unet.register_forward_pre_hook(lambda m, a: batches.append(a[0].shape[0]))
     out = generate(pipe, steps=10, callback_on_step_end=CollapseGuidance(proc, pipe))
