@@ -172,7 +172,7 @@ class DeepCache:
 
     def _uninstall(self) -> None:
         for module in self._hooked:
-            module._diffusers_hook.remove_hook(_BLOCK_HOOK, recurse=False)
+            HookRegistry.check_if_exists_or_initialize(module).remove_hook(_BLOCK_HOOK, recurse=False)
         self._hooked = []
         detach_clock(self._unet, self)
         self._state.outputs.clear()  # free the features; the schedule of the last generation stays readable
