@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tokenprune_diffusers.schedule import deep_cache_plan, plan_generation
+from tokenprune_diffusers.schedule import NonUniform, deep_cache_full_calls, deep_cache_plan, plan_generation
 
 
 def flags(schedule, name):
@@ -89,3 +89,55 @@ def test_deep_cache_plan_one_full_then_interval_minus_one_cached():
 def test_deep_cache_plan_restarts_at_a_forced_full_call():
     assert deep_cache_plan(8, 3, full={4}) == (False, True, True, False, False, True, True, False)
     assert deep_cache_plan(7, 2, calls_per_step=2, start=0.5) == (False, False, False, False, True, False, True)
+
+
+def test_non_uniform_full_calls_crowd_around_the_center():
+    """50 calls, interval 5: the same 10 full calls as uniform, gaps smallest around call 15
+    (hand-computed: u from -15**(1/1.4) to 35**(1/1.4) in 10 steps, floor(15 + sign(u)|u|**1.4))."""
+    full = deep_cache_full_calls(50, 5, schedule=NonUniform(center=0.3, power=1.4))
+    assert full == (0, 5, 10, 13, 15, 19, 24, 29, 35, 42)
+    assert len(full) == len(deep_cache_full_calls(50, 5)) == 10
+    gaps = [b - a for a, b in zip(full, full[1:])]
+    assert min(gaps) == gaps[3] == 2 and gaps[-1] == 7  # densest at the center, sparsest at the end
+    plan = deep_cache_plan(50, 5, schedule=NonUniform(center=0.3, power=1.4))
+    assert [c for c in range(50) if not plan[c]] == list(full)
+
+
+def test_non_uniform_power_one_spaces_evenly_and_a_late_center_crowds_the_end():
+    assert deep_cache_full_calls(10, 3, schedule=NonUniform(center=0.0, power=1.0)) == (0, 2, 5, 7)
+    assert deep_cache_full_calls(10, 3, schedule=NonUniform(center=1.0, power=2.0)) == (0, 4, 7, 9)
+
+
+def test_non_uniform_after_start_and_with_forced_full_calls():
+    """Before start (20% of 20 calls) every call is full; the non-uniform calls follow from call 3."""
+    spec = NonUniform()
+    assert deep_cache_full_calls(20, 3, 0.2, schedule=spec) == (0, 1, 2, 3, 6, 8, 9, 12, 15)
+    plan = deep_cache_plan(20, 3, 0.2, schedule=spec, full={4})
+    assert [c for c in range(20) if not plan[c]] == [0, 1, 2, 3, 4, 6, 8, 9, 12, 15]
+
+
+def test_non_uniform_lowers_the_power_until_the_full_calls_are_distinct():
+    """Power 3 around call 15 of 50 would put several full calls on one; it is lowered until 5 are distinct."""
+    full = deep_cache_full_calls(50, 10, schedule=NonUniform(center=0.3, power=3.0))
+    assert full == (0, 12, 14, 15, 24) and len(set(full)) == 5
+
+
+def test_full_calls_of_the_uniform_schedule_are_its_plan():
+    for n, interval, start, cps in [(8, 3, 0.0, 1), (6, 2, 0.5, 1), (7, 2, 0.5, 2), (1, 4, 0.0, 1), (9, 1, 0.3, 1)]:
+        full = set(deep_cache_full_calls(n, interval, start, calls_per_step=cps))
+        assert deep_cache_plan(n, interval, start, calls_per_step=cps) == tuple(c not in full for c in range(n))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(center=1.5), r"center must be a number in \[0, 1\], got 1.5"),
+        (dict(center=float("nan")), r"center must be a number in \[0, 1\], got nan"),
+        (dict(power=0.5), "power must be a finite number >= 1, got 0.5"),
+        (dict(power=float("inf")), "power must be a finite number >= 1, got inf"),
+        (dict(power=True), "power must be a finite number >= 1, got True"),
+    ],
+)
+def test_bad_non_uniform_settings_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        NonUniform(**kwargs)

@@ -171,3 +171,12 @@ def test_report_and_heat_maps_work(pipe, tmp_path):
     assert "PRUNED" in proc.report.summary() and "not counted" in proc.report.summary()
     assert proc.report.token_maps(-1).shape == (333, 8, 8)  # 16 x 16 latents in 2 x 2 patches
     assert render_heatmaps(proc.report, tmp_path / "maps.png", image=image).is_file()
+
+
+def test_deep_cache_is_refused_on_an_mmdit_and_removing_it_is_a_no_op(pipe):
+    from tokenprune_diffusers import apply_deep_cache, get_deep_cache, remove_deep_cache
+
+    with pytest.raises(TypeError, match="expected a UNet2DConditionModel"):
+        apply_deep_cache(pipe)
+    assert get_deep_cache(pipe) is None
+    remove_deep_cache(pipe)  # nothing installed: nothing to do

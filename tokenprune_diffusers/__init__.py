@@ -26,7 +26,7 @@ from .mmdit import (
 from .patch import apply_token_pruning, get_token_pruning, remove_token_pruning
 from .processor import TokenPruneProcessor
 from .report import PruneReport, StepRecord
-from .schedule import CallPlan, Schedule, deep_cache_plan, plan_generation
+from .schedule import CallPlan, NonUniform, Schedule, deep_cache_plan, plan_generation
 from .tokenizer import load_clip_tokenizer
 
 __all__ = [
@@ -53,6 +53,7 @@ __all__ = [
     "CallPlan",
     "plan_generation",
     "deep_cache_plan",
+    "NonUniform",
     "load_clip_tokenizer",
 ]
 

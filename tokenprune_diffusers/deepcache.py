@@ -2,11 +2,20 @@
 
 Ma, Fang and Wang, "DeepCache: Accelerating Diffusion Models for Free", CVPR 2024
 (arXiv 2312.00858): the deep features of a UNet change slowly from one denoising step to the next,
-while the outer (high-resolution) blocks carry the detail. So on most calls only the outer
-``depth`` down blocks and the matching up blocks are computed; the input of those up blocks from
-below (the output of the deeper up blocks) is taken from the last full call.
+while the outer (high-resolution) blocks carry the detail. So on most calls only the outer layers
+are computed, down to a chosen *skip branch* (below); the input of the computed up layers from
+below is taken from the last full call.
 
-Wiring only: every skipped block gets a :class:`diffusers.hooks.ModelHook` whose ``new_forward``
+Skip branches. The UNet's down path emits skip connections (``down_block_res_samples``): branch 0
+is ``conv_in``'s output, then one per resnet (with its attention) and per downsampler of each down
+block, shallowest first; each up resnet consumes one of them, deepest first. With ``branch=k`` a
+cached call computes the down layers that emit branches ``0..k`` and the up layers that consume
+them; every other layer (and the mid block) returns its output of the last full call. On the
+Stable Diffusion layout (two resnets and a downsampler per block) these are the numbers of the
+``DeepCache`` package's ``cache_branch_id``; ``depth=d`` is the last branch consumed by the outer
+``d`` up blocks (``depth=1``: branch 2 on SD, the default).
+
+Wiring only: every skipped block or layer gets a :class:`diffusers.hooks.ModelHook` whose ``new_forward``
 returns that block's output of the last full call instead of computing it; which calls are cached
 is the pure :func:`~tokenprune_diffusers.schedule.deep_cache_plan`, followed on the UNet's clock
 (shared with the token-pruning processor). Removing the hooks restores the original forwards exactly.
@@ -26,7 +35,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from .clock import CallInfo, GenerationClock, attach_clock, detach_clock, get_clock
 from .config import check_positive_int, check_unit
 from .processor import TokenPruneProcessor
-from .schedule import deep_cache_plan
+from .schedule import NonUniform, deep_cache_plan
 
 __all__ = ["DeepCache", "DeepCacheConfig", "apply_deep_cache", "remove_deep_cache", "get_deep_cache"]
 
@@ -41,15 +50,31 @@ class DeepCacheConfig:
     interval: int = 3  # one full UNet call, then interval - 1 cached calls; 1 never reuses (exact)
     start: float = 0.0  # share of a generation's steps computed in full before reuse begins
     # --- args to tinker with ---
-    depth: int = 1  # outer levels (down block + matching up block) computed on every call
+    depth: int | None = None  # outer levels (down block + matching up block) computed on every call; None: 1 (unless branch)
+    branch: int | None = None  # instead of depth: the deepest skip branch computed on every call (the peer's cache_branch_id)
+    schedule: str | NonUniform = "uniform"  # where the full calls fall: "uniform", "nonuniform" (NonUniform()) or a NonUniform
     num_steps: int | None = None  # UNet calls per generation, only for hand-written loops (pipelines report it)
 
     def __post_init__(self) -> None:
         check_positive_int("interval", self.interval)
         check_unit("start", self.start)
-        check_positive_int("depth", self.depth)
+        if self.depth is not None:
+            check_positive_int("depth", self.depth)
+        if self.branch is not None and (isinstance(self.branch, bool) or not isinstance(self.branch, int) or self.branch < 0):
+            raise ValueError(f"branch must be a non-negative int, got {self.branch!r}")
+        if self.depth is not None and self.branch is not None:
+            raise ValueError(f"give depth or branch, not both (got depth={self.depth}, branch={self.branch})")
+        if not isinstance(self.schedule, NonUniform) and self.schedule not in ("uniform", "nonuniform"):
+            raise ValueError(f'schedule must be "uniform", "nonuniform" or a NonUniform, got {self.schedule!r}')
         if self.num_steps is not None:
             check_positive_int("num_steps", self.num_steps)
+
+    @property
+    def non_uniform(self) -> NonUniform | None:
+        """The non-uniform schedule's settings, or None for the uniform schedule."""
+        if isinstance(self.schedule, NonUniform):
+            return self.schedule
+        return NonUniform() if self.schedule == "nonuniform" else None
 
 
 @dataclass
@@ -84,10 +109,12 @@ class DeepCache:
         self.clock: GenerationClock | None = None
         self._unet = unet
         self._state = _State()
+        self.branch = resolve_branch(unet, config.depth, config.branch)  # the deepest skip branch computed on every call
+        self._hooked: list[Any] = []
 
     def __repr__(self) -> str:
         c = self.config
-        return f"DeepCache(interval={c.interval}, start={c.start!r}, depth={c.depth})"
+        return f"DeepCache(interval={c.interval}, start={c.start!r}, branch={self.branch}, schedule={c.schedule!r})"
 
     @property
     def schedule(self) -> list[bool]:
@@ -109,7 +136,8 @@ class DeepCache:
         cfg, st = self.config, self._state
         if info.generation != st.generation:
             st.outputs.clear()
-            plan = None if info.num_calls is None else deep_cache_plan(info.num_calls, cfg.interval, cfg.start, calls_per_step=info.calls_per_step)
+            plan = None if info.num_calls is None else deep_cache_plan(
+                info.num_calls, cfg.interval, cfg.start, calls_per_step=info.calls_per_step, schedule=cfg.non_uniform)
             st = self._state = _State(generation=info.generation, plan=plan)
         signature = (tuple(sample.shape), sample.dtype, sample.device)
         planned = st.plan is not None and info.call < len(st.plan) and st.plan[info.call]
@@ -117,7 +145,8 @@ class DeepCache:
         st.reuse = planned and not adapters and st.signature == signature
         if planned and not st.reuse:  # forced full: the plan restarts from this call
             st.full.add(info.call)
-            st.plan = deep_cache_plan(info.num_calls, cfg.interval, cfg.start, calls_per_step=info.calls_per_step, full=st.full)
+            st.plan = deep_cache_plan(info.num_calls, cfg.interval, cfg.start, calls_per_step=info.calls_per_step,
+                                      full=st.full, schedule=cfg.non_uniform)
         if not st.reuse:
             st.outputs.clear()
             st.signature = signature if st.plan is not None and cfg.interval > 1 else None
@@ -132,23 +161,20 @@ class DeepCache:
 
     # ------------------------------------------------------------------ wiring
     def _install(self, pipeline: Any) -> None:
-        unet, depth = self._unet, self.config.depth
+        unet = self._unet
         self.clock = attach_clock(unet, self, pipeline=pipeline, num_steps=self.config.num_steps)
-        skipped = list(unet.down_blocks[depth:]) + [unet.mid_block] + list(unet.up_blocks[: len(unet.up_blocks) - depth])
-        for block in skipped:
-            if block is not None:
-                HookRegistry.check_if_exists_or_initialize(block).register_hook(_BlockHook(self._state_ref), _BLOCK_HOOK)
+        self._hooked = reused_modules(unet, self.branch)
+        for module in self._hooked:
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(_BlockHook(self._state_ref), _BLOCK_HOOK)
 
     def _state_ref(self) -> _State:
         return self._state
 
     def _uninstall(self) -> None:
-        unet = self._unet
-        for module in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
-            registry = getattr(module, "_diffusers_hook", None)
-            if registry is not None:
-                registry.remove_hook(_BLOCK_HOOK, recurse=False)
-        detach_clock(unet, self)
+        for module in self._hooked:
+            HookRegistry.check_if_exists_or_initialize(module).remove_hook(_BLOCK_HOOK, recurse=False)
+        self._hooked = []
+        detach_clock(self._unet, self)
         self._state.outputs.clear()  # free the features; the schedule of the last generation stays readable
 
 
@@ -169,16 +195,75 @@ class _BlockHook(ModelHook):
         return out
 
 
-def _unet_of(model: Any):
+def _layers(block: Any) -> list[list[Any]]:
+    """The layers of a down or up block, in call order: ``[resnet, attention]`` pairs, then samplers."""
+    attentions = list(getattr(block, "attentions", None) or [])
+    pairs = [[r] + ([attentions[j]] if j < len(attentions) else []) for j, r in enumerate(block.resnets)]
+    samplers = list(getattr(block, "downsamplers", None) or getattr(block, "upsamplers", None) or [])
+    return pairs + [[s] for s in samplers]
+
+
+def skip_branches(unet: Any) -> int:
+    """Number of skip branches of ``unet`` (``len(down_block_res_samples)``: 12 on SD 1.5)."""
+    return 1 + sum(len(block.resnets) + len(getattr(block, "downsamplers", None) or []) for block in unet.down_blocks)
+
+
+def resolve_branch(unet: Any, depth: int | None, branch: int | None) -> int:
+    """The deepest skip branch computed on every call, from ``depth`` (default 1) or ``branch``,
+    checked against the UNet: something must be reused, so ``depth`` is below its levels."""
+    n = skip_branches(unet)
+    if sum(len(block.resnets) for block in unet.up_blocks) != n:
+        raise TypeError(f"{type(unet).__name__}: its up resnets do not consume its {n} skip branches one each")
+    if branch is None:
+        depth = 1 if depth is None else depth
+        if depth >= len(unet.down_blocks) or depth >= len(unet.up_blocks):
+            raise ValueError(
+                f"depth must be below the UNet's {len(unet.down_blocks)} levels (something must be reused), got {depth}"
+            )
+        return sum(len(block.resnets) for block in unet.up_blocks[len(unet.up_blocks) - depth:]) - 1
+    if branch >= n:
+        raise ValueError(f"branch must be below the UNet's {n} skip branches (0..{n - 1}), got {branch}")
+    return branch
+
+
+def reused_modules(unet: Any, branch: int) -> list[Any]:
+    """The modules whose output a cached call takes from the last full call: whole blocks where no
+    layer is computed, else the layers past ``branch``; the mid block always."""
+    reused, k = [], 1  # k: the branch the next down layer emits (0 is conv_in's output)
+    for block in unet.down_blocks:
+        layers = _layers(block)
+        if k > branch:
+            reused.append(block)
+        else:
+            reused += [m for j, layer in enumerate(layers) if k + j > branch for m in layer]
+        k += len(layers)
+    if unet.mid_block is not None:
+        reused.append(unet.mid_block)
+    top = skip_branches(unet)  # up blocks consume the branches from the deepest down
+    for block in unet.up_blocks:
+        n = len(block.resnets)
+        if top - n > branch:  # every branch it consumes is past the boundary
+            reused.append(block)
+        else:  # resnet j consumes branch top - 1 - j; samplers (after the resnets) are computed
+            reused += [m for j, layer in enumerate(_layers(block)[:n]) if top - 1 - j > branch for m in layer]
+        top -= n
+    return reused
+
+
+def _unet_of(model: Any, required: bool = True):
     unet = getattr(model, "unet", model)
     if not all(hasattr(unet, name) for name in ("down_blocks", "up_blocks", "mid_block")):
+        if not required:
+            return None
         raise TypeError(f"expected a UNet2DConditionModel or a pipeline with one, got {type(model).__name__}")
     return unet
 
 
 def get_deep_cache(model: Any) -> DeepCache | None:
-    """The :class:`DeepCache` installed on ``model`` (a pipeline or its UNet), or None."""
-    clock = get_clock(_unet_of(model))
+    """The :class:`DeepCache` installed on ``model`` (a pipeline or its UNet), or None (also for a
+    model without a UNet, such as an MM-DiT pipeline: nothing can be installed there)."""
+    unet = _unet_of(model, required=False)
+    clock = get_clock(unet) if unet is not None else None
     return next((x for x in clock.listeners if isinstance(x, DeepCache)), None) if clock is not None else None
 
 
@@ -187,7 +272,9 @@ def apply_deep_cache(
     interval: int = 3,
     start: float = 0.0,
     *,
-    depth: int = 1,
+    branch: int | None = None,
+    schedule: str | NonUniform = "uniform",
+    depth: int | None = None,
     num_steps: int | None = None,
 ) -> DeepCache:
     """Reuse the UNet's deep features on all but one of every ``interval`` calls.
@@ -208,16 +295,19 @@ def apply_deep_cache(
             before reuse begins (the early calls lay out the image).
 
     Args to tinker with:
-        depth (int, default 1): outer levels computed on every call: down blocks ``[:depth]`` and
-            up blocks ``[-depth:]``; the rest (and the mid block) are reused.
+        branch (int): the deepest skip branch computed on every call (module docstring; on SD
+            layouts the ``DeepCache`` package's ``cache_branch_id``): smaller is faster and less
+            faithful. Default: the last branch of the outer level (``depth=1``; 2 on SD).
+        schedule ("uniform", "nonuniform" or :class:`~tokenprune_diffusers.schedule.NonUniform`):
+            where the full calls fall; ``"nonuniform"`` is ``NonUniform()`` (the same number of full
+            calls, densest around 30% of the generation).
+        depth (int): instead of ``branch``: outer levels computed on every call (down blocks
+            ``[:depth]``, up blocks ``[-depth:]``); default 1.
         num_steps (int): UNet calls per generation, for hand-written loops.
     """
     unet = _unet_of(model)
-    config = DeepCacheConfig(interval=interval, start=start, depth=depth, num_steps=num_steps)
-    if depth >= len(unet.down_blocks) or depth >= len(unet.up_blocks):
-        raise ValueError(
-            f"depth must be below the UNet's {len(unet.down_blocks)} levels (something must be reused), got {depth}"
-        )
+    config = DeepCacheConfig(interval=interval, start=start, depth=depth, branch=branch, schedule=schedule, num_steps=num_steps)
+    resolve_branch(unet, config.depth, config.branch)  # refused before anything is removed
     if any(isinstance(p, TokenPruneProcessor) and not p.clock.hooked for p in unet.attn_processors.values()):
         raise ValueError(
             "a TokenPruneProcessor installed with set_attn_processor() counts UNet calls by its cross-attention "

@@ -16,7 +16,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-__all__ = ["CallPlan", "Schedule", "plan_generation", "deep_cache_plan"]
+from .config import check_unit
+
+__all__ = ["CallPlan", "Schedule", "NonUniform", "plan_generation", "deep_cache_plan", "deep_cache_full_calls"]
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,55 @@ def plan_generation(
     return Schedule(num_calls, calls_per_step, prune_start, gate_start, tuple(calls))
 
 
+@dataclass(frozen=True)
+class NonUniform:
+    """DeepCache's non-uniform 1:N schedule (Ma et al., Sec. 3.3): as many full calls as the uniform
+    schedule of the same interval, placed densest around ``center`` and sparser away from it.
+
+    The full calls are ``floor(c + sign(u) * |u| ** power)`` for ``u`` evenly spaced from
+    ``-c ** (1 / power)`` to ``(M - c) ** (1 / power)`` (``M`` calls from ``start`` on, ``c = center * M``):
+    ``power`` 1 spaces them evenly, larger powers crowd them around the center. Where two fall on
+    the same call the power is lowered by 0.02 until they are distinct (as the paper's code does),
+    down to 1.
+    """
+
+    center: float = 0.3  # share of the calls (from ``start`` on) where full calls are densest
+    power: float = 1.4  # >= 1; 1: evenly spaced
+
+    def __post_init__(self) -> None:
+        check_unit("center", self.center)
+        if isinstance(self.power, bool) or not isinstance(self.power, (int, float)) or not 1.0 <= self.power < math.inf:
+            raise ValueError(f"power must be a finite number >= 1, got {self.power!r}")
+
+
+def _nonuniform_full(m: int, n: int, spec: NonUniform) -> tuple[int, ...]:
+    """``n`` distinct full calls among ``m`` (call 0 first), densest around ``spec.center * m``."""
+    if n >= m:
+        return tuple(range(m))
+    c = spec.center * m
+    power = spec.power
+    while True:
+        lo, hi = -(c ** (1 / power)), (m - c) ** (1 / power)
+        points = [lo + (hi - lo) * i / n for i in range(n + 1)]
+        calls = sorted({0} | {min(max(math.floor(c + math.copysign(abs(u) ** power, u) + 1e-9), 0), m - 1) for u in points[1:-1]})
+        if len(calls) == n or power <= 1.0:
+            return tuple(calls)
+        power = max(power - 0.02, 1.0)
+
+
+def deep_cache_full_calls(num_calls: int, interval: int, start: float = 0.0, *,
+                          schedule: NonUniform | None = None, calls_per_step: int = 1) -> tuple[int, ...]:
+    """The planned full calls of a generation (before any call is forced full): every call before
+    ``start`` (call 0 at least); from the last of them, on the ``M`` calls left, ``ceil(M / interval)``
+    full calls: every ``interval``-th (``schedule=None``, uniform) or placed by :class:`NonUniform`."""
+    if num_calls < 1 or calls_per_step < 1:
+        raise ValueError(f"num_calls and calls_per_step must be >= 1, got {num_calls} and {calls_per_step}")
+    base = _first_call_of_step(start, num_calls, calls_per_step) - 1  # the last full call before reuse may begin
+    m = num_calls - base
+    rest = range(0, m, interval) if schedule is None else _nonuniform_full(m, math.ceil(m / interval), schedule)
+    return tuple(range(base)) + tuple(base + c for c in rest)
+
+
 def deep_cache_plan(
     num_calls: int,
     interval: int,
@@ -140,13 +191,19 @@ def deep_cache_plan(
     *,
     calls_per_step: int = 1,
     full: frozenset[int] | set[int] = frozenset(),
+    schedule: NonUniform | None = None,
 ) -> tuple[bool, ...]:
     """Per call, True where DeepCache reuses the deep features of the last full call.
 
     Call 0 and the calls in ``full`` (where the batch changed, e.g. at guidance collapse) are full;
-    before ``start`` (a share of the steps) every call is full; from there, one full call and
-    ``interval - 1`` cached calls, counted from the last full call.
+    before ``start`` (a share of the steps) every call is full. From there, uniform
+    (``schedule=None``): one full call and ``interval - 1`` cached calls, counted from the last
+    full call (a forced full call restarts the count); :class:`NonUniform`: the full calls of
+    :func:`deep_cache_full_calls`, plus the forced ones.
     """
+    if schedule is not None:
+        planned = set(deep_cache_full_calls(num_calls, interval, start, schedule=schedule, calls_per_step=calls_per_step))
+        return tuple(c not in planned and c not in full for c in range(num_calls))
     first = _first_call_of_step(start, num_calls, calls_per_step)
     reuse, since_full = [], 0
     for c in range(num_calls):

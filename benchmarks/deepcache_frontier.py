@@ -1,0 +1,235 @@
+"""UNet speed against the peers: one speed-fidelity frontier (support module of
+test_bench_deepcache_frontier.py; also a script: ``python benchmarks/deepcache_frontier.py --help``).
+
+Rows: stock; our DeepCache at several intervals, skip branches and schedules, alone and after
+gating + guidance collapse; the ``DeepCache`` package (``DeepCacheSDHelper``) at the same
+intervals and branches when it is installed (else skipped with the reason); T-GATE when the
+``tgate`` package is installed (full budget). Every row runs on the same pipeline, DDIM steps,
+seed and prompt, interleaved (the order rotates at each repeat); speed is stock's median seconds
+over the row's median. Fidelity against stock at the same seed: PSNR of the final latents (peak =
+the range of stock's latents) and of the decoded images (range 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import tokenprune_bench as tb
+import torch
+
+PEER = "DeepCache"  # the peer package's import name (PyPI: DeepCache)
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    group: str  # "stock", "ours", "DeepCache pkg", "T-GATE pkg"
+    config: tb.Config | None = None  # ours / stock / T-GATE: run through tokenprune_bench.denoise
+    peer: tuple[int, int] | None = None  # the peer's (cache_interval, cache_branch_id)
+
+
+GATE = dict(threshold=0.1, warmup=0.1, gate=0.2)  # the gating row of the speed table, as there
+
+
+def rows_for(intervals: tuple[int, ...], branches: tuple[int, ...], peer: bool, tgate: bool,
+             nonuniform: tuple[int, ...] = (), combos: tuple[int, ...] = ()) -> list[Row]:
+    """Every row of one run: ours at each interval and skip branch (and the peer's, when ``peer``),
+    ours non-uniform at the intervals ``nonuniform`` and after gating + collapse at ``combos``
+    (both at our default branch)."""
+    rows = [Row("stock", "stock", tb.Config("stock", None))]
+    for n in intervals:
+        for b in branches:
+            rows.append(Row(f"ours DeepCache N={n} branch {b}", "ours",
+                            tb.Config(f"dc{n}b{b}", None, deep_cache=dict(interval=n, branch=b))))
+    for n in nonuniform:
+        rows.append(Row(f"ours DeepCache N={n} non-uniform", "ours",
+                        tb.Config(f"dc{n}nu", None, deep_cache=dict(interval=n, schedule="nonuniform"))))
+    for n in combos:
+        rows.append(Row(f"ours gate 0.2 + collapse + DeepCache N={n}", "ours",
+                        tb.Config(f"g+dc{n}", GATE, collapse=True, deep_cache=dict(interval=n))))
+    if peer:
+        rows += [Row(f"DeepCache pkg N={n} branch {b}", "DeepCache pkg", peer=(n, b))
+                 for n in intervals for b in branches]
+    if tgate:
+        rows.append(Row(tb.TGATE.name, "T-GATE pkg", tb.TGATE))
+    return rows
+
+
+def denoise_peer(pipe, interval: int, branch: int, prompt: str, steps: int, size: int, seed: int, originals):
+    """One generation under the peer's helper (stock processors): (seconds, latents)."""
+    from DeepCache import DeepCacheSDHelper
+
+    tb.install(pipe, tb.Config("stock", None), originals)
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=interval, cache_branch_id=branch)
+    helper.enable()
+    g = torch.Generator("cpu").manual_seed(seed)
+    try:
+        tb._sync(pipe.unet.device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            latents = pipe(prompt, num_inference_steps=steps, height=size, width=size, generator=g,
+                           output_type="latent").images
+        tb._sync(pipe.unet.device)
+        seconds = time.perf_counter() - t0
+    finally:
+        helper.disable()
+    return seconds, latents.float().cpu()
+
+
+def latent_psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
+    mse = float(((x.double() - ref.double()) ** 2).mean())
+    peak = float(ref.max() - ref.min())
+    return float("inf") if mse == 0 else 10 * math.log10(peak**2 / mse)
+
+
+def run(model: str, size: int, steps: int, repeats: int, rows: list[Row], seed: int = 0, device: str = "cpu",
+        dtype: torch.dtype = torch.float32, progress=None) -> dict:
+    """Time every row (interleaved, ``repeats`` times) and measure its fidelity once (repeat 0)."""
+    from diffusers import DDIMScheduler
+
+    pipe = tb.build(model, device, dtype, seed)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # the peer finds a step by its timestep
+    originals = pipe.unet.attn_processors
+    prompt = tb.read_prompts(1)[0]
+    seconds = {r.name: [] for r in rows}
+    fidelity = {}
+
+    def one(row: Row, s: int):
+        if row.peer is not None:
+            return denoise_peer(pipe, *row.peer, prompt, steps, size, s, originals)
+        secs, lat, _, _ = tb.denoise(pipe, row.config, prompt, steps, size, s, originals)
+        return secs, lat
+
+    one(rows[0], seed)  # warm-up, untimed
+    for k in range(repeats):
+        order = rows[k % len(rows):] + rows[: k % len(rows)]
+        latents = {}
+        for row in order:
+            secs, latents[row.name] = one(row, seed)
+            seconds[row.name].append(secs)
+            if progress:
+                progress(f"[{k + 1}/{repeats}] {row.name}: {secs:.2f} s")
+        if k == 0:
+            ref = latents["stock"]
+            ref_img = tb.decode(pipe, ref)
+            for row in rows:
+                lat = latents[row.name]
+                fidelity[row.name] = (latent_psnr(lat, ref), tb.psnr(tb.decode(pipe, lat), ref_img))
+    tb.install(pipe, tb.Config("stock", None), originals)
+    stock = statistics.median(seconds["stock"])
+    table = [{"row": r.name, "group": r.group, "median_s": statistics.median(seconds[r.name]),
+              "speedup": stock / statistics.median(seconds[r.name]), "latent_psnr_db": fidelity[r.name][0],
+              "image_psnr_db": fidelity[r.name][1], "runs": len(seconds[r.name])} for r in rows]
+    setup = dict(model=model, size=size, steps=steps, scheduler="DDIM", repeats=repeats, seed=seed, device=device,
+                 dtype=str(dtype).replace("torch.", ""), prompt=prompt)
+    return {"setup": setup, "rows": table, "environment": tb.environment()}
+
+
+def frontier(table: list[dict]) -> list[dict]:
+    """The rows no other row beats on both speed-up and latent PSNR, fastest first."""
+    keep = [r for r in table if not any(o is not r and o["speedup"] >= r["speedup"] and o["latent_psnr_db"] >= r["latent_psnr_db"]
+                                        and (o["speedup"] > r["speedup"] or o["latent_psnr_db"] > r["latent_psnr_db"]) for o in table)]
+    return sorted(keep, key=lambda r: -r["speedup"])
+
+
+def _db(x: float) -> str:
+    return "identical" if x == float("inf") else f"{x:.1f}"
+
+
+def to_markdown(result: dict, skipped: list[str]) -> str:
+    s = result["setup"]
+    on = {r["row"] for r in frontier(result["rows"])}
+    lines = [f"### UNet speed vs fidelity: {s['model']}, {s['size']}x{s['size']}, {s['steps']} {s['scheduler']} steps, "
+             f"{s['device']} {s['dtype']}", "",
+             f"One process, rows interleaved, {s['repeats']} repeat(s), seed {s['seed']}; environment: "
+             f"{json.dumps(result['environment'])}. PSNR against stock at the same seed (latents: peak = the range of "
+             "stock's latents; images: range 1). On the frontier: no other row is both faster and more faithful (latents).", "",
+             "| row | median s | speedup | latent PSNR (dB) | image PSNR (dB) | on the frontier |",
+             "| --- | ---: | ---: | ---: | ---: | :---: |"]
+    for r in result["rows"]:
+        lines.append(f"| {r['row']} | {r['median_s']:.2f} | {r['speedup']:.2f}x | {_db(r['latent_psnr_db'])} "
+                     f"| {_db(r['image_psnr_db'])} | {'yes' if r['row'] in on else ''} |")
+    lines += [""] + [f"Skipped: {x}." for x in skipped]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> Path:
+    """Speed-up against latent PSNR, every row (stock at the top of the axis), the frontier drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finite = [r["latent_psnr_db"] for r in result["rows"] if r["latent_psnr_db"] != float("inf")]
+    top = (max(finite) if finite else 0.0) + 5.0  # where "identical" rows are drawn
+    y = {r["row"]: (r["latent_psnr_db"] if r["latent_psnr_db"] != float("inf") else top) for r in result["rows"]}
+    fig, ax = plt.subplots(figsize=(9, 6))
+    style = {"stock": ("k", "s"), "ours": ("tab:blue", "o"), "DeepCache pkg": ("tab:red", "^"), "T-GATE pkg": ("tab:green", "D")}
+    for group, (color, marker) in style.items():
+        pts = [r for r in result["rows"] if r["group"] == group]
+        if pts:
+            ax.scatter([r["speedup"] for r in pts], [y[r["row"]] for r in pts], c=color, marker=marker, label=group, zorder=3)
+            for r in pts:
+                ax.annotate(r["row"].replace("DeepCache", "DC"), (r["speedup"], y[r["row"]]), fontsize=6,
+                            xytext=(3, 3), textcoords="offset points")
+    front = sorted(frontier(result["rows"]), key=lambda r: r["speedup"])
+    ax.plot([r["speedup"] for r in front], [y[r["row"]] for r in front], "k--", lw=0.8, label="frontier", zorder=2)
+    s = result["setup"]
+    ax.set_xlabel("speed-up over stock (median seconds)")
+    ax.set_ylabel(f"latent PSNR vs stock (dB; identical drawn at {top:.0f})")
+    ax.set_title(f"{s['model']}, {s['size']} px, {s['steps']} {s['scheduler']} steps, {s['device']}, {s['repeats']} repeat(s)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def peer_available(model: str) -> tuple[bool, str | None]:
+    """Whether the peer package can run here, else the reason its rows are skipped."""
+    if model == "tiny":  # its cache_branch_id assumes three skip branches per level (2 resnets + downsampler)
+        return False, f"the `{PEER}` package rows: its branch ids assume the SD layout, not the tiny UNet's"
+    if importlib.util.find_spec(PEER) is None:
+        return False, f"the `{PEER}` package rows: it is not installed (pip install DeepCache==0.1.1)"
+    return True, None
+
+
+# the full run's rows (SD layout: 12 skip branches; our default is branch 2)
+FULL = dict(intervals=(2, 3, 5, 7), branches=(0, 2, 5, 8), nonuniform=(3, 5), combos=(3,))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="sd15-random")
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default=None, help="write <out>.md, <out>.json and <out>.png")
+    args = ap.parse_args(argv)
+    peer, reason = peer_available(args.model)
+    tgate = importlib.util.find_spec("tgate") is not None and args.model != "tiny"
+    rows = rows_for(FULL["intervals"], FULL["branches"], peer, tgate, nonuniform=FULL["nonuniform"], combos=FULL["combos"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    result = run(args.model, args.size, args.steps, args.repeats, rows, device=device,
+                 dtype=torch.float16 if device == "cuda" else torch.float32, progress=lambda m: print(m, flush=True))
+    md = to_markdown(result, [reason] if reason else [])
+    print(md)
+    if args.out:
+        Path(args.out + ".md").write_text(md)
+        Path(args.out + ".json").write_text(json.dumps(result, indent=1, default=str))
+        plot(result, Path(args.out + ".png"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+

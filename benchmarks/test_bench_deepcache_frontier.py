@@ -1,0 +1,57 @@
+"""UNet speed against the peers: our DeepCache (intervals, skip branches, schedules, with gating +
+collapse), the `DeepCache` package and T-GATE when installed; one speed-fidelity frontier.
+
+    pytest benchmarks/test_bench_deepcache_frontier.py --benchmark -s        # SD-1.5 architecture, random weights
+    pytest benchmarks/test_bench_deepcache_frontier.py --benchmark-smoke -s  # tiny pipeline, seconds (CI)
+
+Full budget: 256 px, 20 DDIM steps, 3 repeats on CPU (512 px fp16, 5 repeats on a GPU). Results:
+benchmarks/results/deepcache_frontier_*.{md,json,png}. Install the peers with
+``pip install DeepCache==0.1.1 tgate==1.0.0``; without them their rows are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+import deepcache_frontier as df  # noqa: E402
+
+
+def _setting(budget: str, model: str | None) -> dict:
+    if budget == "smoke":
+        return dict(model="tiny", size=32, steps=4, repeats=1, intervals=(2, 3), branches=(0, 1), nonuniform=(3,),
+                    combos=(2,))
+    gpu = torch.cuda.is_available()
+    return dict(model=model or "sd15-random", size=512 if gpu else 256, steps=20, repeats=5 if gpu else 3, **df.FULL)
+
+
+def test_deepcache_frontier(budget, results_dir, request):
+    s = _setting(budget, request.config.getoption("--model"))
+    peer, reason = df.peer_available(s["model"])
+    tgate = budget == "full" and importlib.util.find_spec("tgate") is not None
+    rows = df.rows_for(s["intervals"], s["branches"], peer, tgate, nonuniform=s["nonuniform"], combos=s["combos"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    result = df.run(s["model"], s["size"], s["steps"], s["repeats"], rows, device=device,
+                    dtype=torch.float16 if device == "cuda" else torch.float32, progress=print)
+    md = df.to_markdown(result, [reason] if reason else [])
+    print(md)
+    stem = results_dir / f"deepcache_frontier_{device}_{s['model'].replace('/', '_')}_{s['size']}"
+    stem.with_suffix(".md").write_text(md)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
+    png = df.plot(result, stem.with_suffix(".png"))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = {r["row"]: r for r in result["rows"]}
+    assert len(table) == len(rows) and all(r["runs"] == s["repeats"] for r in table.values())
+    assert table["stock"]["speedup"] == 1.0 and table["stock"]["latent_psnr_db"] == math.inf
+    ours = [r for r in result["rows"] if r["group"] == "ours"]
+    assert all(math.isfinite(r["latent_psnr_db"]) and math.isfinite(r["image_psnr_db"]) for r in ours)  # approximate
+    assert any(r["group"] == "DeepCache pkg" for r in result["rows"]) == peer
+    assert (reason is None) == peer and (reason is None or f"Skipped: {reason}." in md)
+    front = df.frontier(result["rows"])
+    assert table["stock"] in front and all(r["row"] in md for r in result["rows"])
