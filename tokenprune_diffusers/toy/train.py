@@ -33,7 +33,7 @@ from .data import ToyShapesDataset, collate
 from .model import ToyModelConfig, assemble_pipeline, build_models, data_token_ids, save_weights
 
 __all__ = ["TrainConfig", "train", "load_checkpoint", "export_checkpoint", "pipeline_from_checkpoint", "main",
-           "step_generator", "run_loop", "load_state_file", "save_state_file"]
+           "step_generator", "run_loop", "load_state_file", "save_state_file", "held_out_loss"]
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -118,6 +118,17 @@ def run_loop(trainer, out: Path, ckpt_every: int, progress: bool = True, stop_af
     bar.close()
     save_state_file(Path(out), trainer.state())
     return trainer
+
+
+def held_out_loss(loss_fn, seed: int, batch_size: int, num_batches: int = 2) -> float:
+    """Mean of ``loss_fn(images, captions, generator)`` over fixed held-out batches (data seed
+    ``seed + 1``, noise seed = batch index): comparable across steps, runs and toys."""
+    held = ToyShapesDataset(seed=seed + 1)
+    losses = []
+    for k in range(num_batches):
+        images, captions, _ = collate([held[i] for i in range(k * batch_size, (k + 1) * batch_size)])
+        losses.append(float(loss_fn(images, captions, torch.Generator().manual_seed(k))))
+    return sum(losses) / len(losses)
 
 
 class _Trainer:
@@ -224,13 +235,7 @@ class _Trainer:
         """Phase-2 loss of the current weights on fixed held-out data and noise (for comparisons)."""
         self.unet.eval()
         self.text_encoder.eval()
-        held = ToyShapesDataset(seed=self.config.seed + 1)
-        b = self.config.batch_size
-        losses = []
-        for k in range(num_batches):
-            images, captions, _ = collate([held[i] for i in range(k * b, (k + 1) * b)])
-            losses.append(float(self.diffusion_loss(images, captions, torch.Generator().manual_seed(k))))
-        return sum(losses) / len(losses)
+        return held_out_loss(self.diffusion_loss, self.config.seed, self.config.batch_size, num_batches)
 
     # --- state ------------------------------------------------------------------------------
     def state(self) -> dict:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from .data import ToyShapesDataset, collate
 from .sd3 import SD3ToyConfig, assemble_sd3_pipeline, build_sd3_models, save_sd3_weights, sd3_token_ids
-from .train import CHECKPOINT, load_state_file, run_loop, step_generator
+from .train import CHECKPOINT, held_out_loss, load_state_file, run_loop, step_generator
 
 __all__ = ["SD3TrainConfig", "MultiplicityJointProcessor", "train_sd3", "load_sd3_checkpoint", "export_sd3_checkpoint",
            "sd3_pipeline_from_checkpoint", "main"]
@@ -212,13 +212,7 @@ class _SD3Trainer:
         """Loss of the current weights on fixed held-out data and noise (for comparisons)."""
         for m in (self.transformer, self.text_encoder, self.text_encoder_2):
             m.eval()
-        held = ToyShapesDataset(seed=self.config.seed + 1)
-        b = self.config.batch_size
-        losses = []
-        for k in range(num_batches):
-            images, captions, _ = collate([held[i] for i in range(k * b, (k + 1) * b)])
-            losses.append(float(self.flow_loss(images, captions, torch.Generator().manual_seed(k))))
-        return sum(losses) / len(losses)
+        return held_out_loss(self.flow_loss, self.config.seed, self.config.batch_size, num_batches)
 
     def state(self) -> dict:
         return dict(
