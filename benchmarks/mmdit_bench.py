@@ -55,16 +55,10 @@ LONG_PROMPT = ("a detailed oil painting of an old lighthouse on a rocky cliff at
 def sd3_pipeline(transformer_cfg: dict, seed: int = 0):
     """StableDiffusion3Pipeline around a seeded random transformer; tiny CLIP text encoders (they run
     once per generation, the same in every row), a tiny 16-channel VAE (latents are timed, not decoded)."""
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    from tokenprune_diffusers.models import TINY_TEXT_CONFIG
-    from tokenprune_diffusers.tokenizer import load_clip_tokenizer
+    from tokenprune_diffusers.models import TINY_TEXT_CONFIG, assemble_sd3_pipeline
 
     half = transformer_cfg["pooled_projection_dim"] // 2
     text_cfg = CLIPTextConfig(**{**TINY_TEXT_CONFIG, "projection_dim": half, "hidden_act": "gelu"})
@@ -75,11 +69,7 @@ def sd3_pipeline(transformer_cfg: dict, seed: int = 0):
                             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                             layers_per_block=1, norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False).eval()
         encoders = [CLIPTextModelWithProjection(text_cfg).eval() for _ in range(2)]
-    pipe = StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
-        text_encoder=encoders[0], tokenizer=load_clip_tokenizer(), text_encoder_2=encoders[1],
-        tokenizer_2=load_clip_tokenizer(pad_token="!"), text_encoder_3=None, tokenizer_3=None,
-    )
+    pipe = assemble_sd3_pipeline(transformer, vae, encoders[0], encoders[1], FlowMatchEulerDiscreteScheduler(shift=3.0))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -82,6 +82,7 @@ class MMDiTTokenPruning(GenerationFollower):
         self.clock = None
         self.text_length: int | None = None  # text positions of the running call (after pruning)
         self.stream: TextStream | None = None  # the running call's gathered text positions (None: all)
+        self._stream_cache: tuple | None = None  # (key, stream) of the running phase of the generation
         self.denoiser: weakref.ref | None = None  # the transformer (its cache hooks are reset when the text shortens)
         self._text: tuple | None = None  # (generation, identity of its text tensor)
 
@@ -133,11 +134,19 @@ class MMDiTTokenPruning(GenerationFollower):
         B, L = text.shape[:2]
         if gen.stopped or gen.schedule is None:  # an unforeseen or unknown generation computes as stock
             return None
-        index, valid = gen.kept(B)
+        index, _ = gen.kept(B)
+        key = (gen, index, text.data_ptr(), tuple(text.shape))  # the same on every call of a phase
+        cached = self._stream_cache
+        if cached is not None and cached[0][0] is gen and cached[0][1] is index and cached[0][2:] == key[2:]:
+            return cached[1]
+        self._stream_cache = (key, self._new_stream(gen, text, index))
+        return self._stream_cache[1]
+
+    def _new_stream(self, gen: Any, text: torch.Tensor, index: torch.Tensor | None) -> TextStream | None:
+        B, L = text.shape[:2]
         keep = None
-        if index is not None:  # (B, L) bool from the gathered positions (padded slots repeat a kept one)
-            hits = torch.ones_like(index) if valid is None else valid.long()
-            keep = torch.zeros(B, L, dtype=torch.long, device=index.device).scatter_add_(1, index, hits) > 0
+        if index is not None:
+            keep = gen.report.keep[-B:].to(index.device)  # (B, L) the decision's kept positions
         elif self.config.padding == "drop" and gen.schedule.prune_start is not None and gen.report.roles is not None:
             keep = gen.report.roles[-B:].to(text.device) != PADDING  # padding is dropped anyway: from the first call
         zeros = None

@@ -28,6 +28,7 @@ __all__ = [
     "tiny_pipeline",
     "tiny_sdxl_pipeline",
     "tiny_sd3_pipeline",
+    "assemble_sd3_pipeline",
     "tiny_flux_pipeline",
     "t5_shaped_tokenizer",
 ]
@@ -276,15 +277,8 @@ TINY_SD3_TRANSFORMER_CONFIG = dict(
 def tiny_sd3_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     """A tiny SD3-shaped ``StableDiffusion3Pipeline`` with the T5 slot empty (for tests): the text
     sequence is 77 CLIP positions plus the 256 zero positions the pipeline adds for T5."""
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    from .tokenizer import load_clip_tokenizer
 
     text_cfg = CLIPTextConfig(**{**TINY_TEXT_CONFIG, "projection_dim": 32, "hidden_act": "gelu"})
     with _seeded(seed):
@@ -292,9 +286,20 @@ def tiny_sd3_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
         vae = AutoencoderKL(**{**TINY_VAE_CONFIG, "shift_factor": 0.0609, "use_quant_conv": False, "use_post_quant_conv": False})
         text_encoder = CLIPTextModelWithProjection(text_cfg)
         text_encoder_2 = CLIPTextModelWithProjection(text_cfg)
-    pipe = StableDiffusion3Pipeline(
+    pipe = assemble_sd3_pipeline(transformer, vae, text_encoder, text_encoder_2, FlowMatchEulerDiscreteScheduler(shift=3.0))
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+def assemble_sd3_pipeline(transformer, vae, text_encoder, text_encoder_2, scheduler):
+    """A ``StableDiffusion3Pipeline`` around these parts with the real CLIP tokenizers (offline) and
+    the T5 slot empty: the text sequence is 77 CLIP positions plus the pipeline's zero T5 positions."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from .tokenizer import load_clip_tokenizer
+
+    return StableDiffusion3Pipeline(
         transformer=transformer.eval(),
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        scheduler=scheduler,
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),
         tokenizer=load_clip_tokenizer(),
@@ -303,7 +308,6 @@ def tiny_sd3_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
         text_encoder_3=None,
         tokenizer_3=None,
     )
-    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
 
 
 TINY_FLUX_TRANSFORMER_CONFIG = dict(

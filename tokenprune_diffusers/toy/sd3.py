@@ -144,21 +144,12 @@ def build_sd3_models(config: SD3ToyConfig, seed: int = 0, vae=None, init_text=No
 
 def assemble_sd3_pipeline(vae, text_encoder, text_encoder_2, transformer, scheduler_config: dict | None = None):
     """A standard ``StableDiffusion3Pipeline`` with the T5 slot empty, eval mode, progress bar off."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from ..tokenizer import load_clip_tokenizer
+    from ..models import assemble_sd3_pipeline as assemble
 
-    pipe = StableDiffusion3Pipeline(
-        transformer=transformer.eval(),
-        scheduler=FlowMatchEulerDiscreteScheduler(**(scheduler_config or _default_flow_scheduler())),
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        tokenizer=load_clip_tokenizer(),
-        text_encoder_2=text_encoder_2.eval(),
-        tokenizer_2=load_clip_tokenizer(pad_token="!"),
-        text_encoder_3=None,
-        tokenizer_3=None,
-    )
+    scheduler = FlowMatchEulerDiscreteScheduler(**(scheduler_config or _default_flow_scheduler()))
+    pipe = assemble(transformer, vae, text_encoder, text_encoder_2, scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

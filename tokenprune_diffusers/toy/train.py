@@ -33,7 +33,7 @@ from .data import ToyShapesDataset, collate
 from .model import ToyModelConfig, assemble_pipeline, build_models, data_token_ids, save_weights
 
 __all__ = ["TrainConfig", "train", "load_checkpoint", "export_checkpoint", "pipeline_from_checkpoint", "main",
-           "step_generator", "run_loop", "load_state_file", "save_state_file", "held_out_loss"]
+           "step_generator", "run_loop", "load_state_file", "save_state_file", "held_out_loss", "run_cli"]
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -337,6 +337,19 @@ def pipeline_from_checkpoint(out: str | Path, ema: bool = True):
     return assemble_pipeline(*models, scheduler_config=trainer.config.model.scheduler, tokenizer=trainer.tokenizer)
 
 
+def run_cli(train_fn, export_fn, config, args) -> None:
+    """What both toys' training commands do: train (or resume) ``config`` in ``args.out``, print the
+    step and the recent loss, and export the EMA weights to ``args.export`` when given."""
+    start = time.time()
+    trainer = train_fn(config, args.out, progress=not args.no_progress)
+    tail = [loss for _, loss in trainer.history[-100:]]
+    print(f"step {trainer.step} ({time.time() - start:.0f} s this call), mean loss of last {len(tail)} steps: "
+          f"{sum(tail) / max(1, len(tail)):.4f}")
+    if args.export:
+        sizes = export_fn(args.out, args.export)
+        print("exported:", ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in sizes.items()))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="run folder (checkpoint.pt); resumes when it holds one")
@@ -359,14 +372,7 @@ def main(argv: list[str] | None = None) -> None:
         ckpt_every=args.ckpt_every,
         model=ToyModelConfig.tiny() if args.tiny else ToyModelConfig(),
     )
-    start = time.time()
-    trainer = train(config, args.out, progress=not args.no_progress)
-    tail = [loss for _, loss in trainer.history[-100:]]
-    print(f"step {trainer.step} ({time.time() - start:.0f} s this call), mean loss of last {len(tail)} steps: "
-          f"{sum(tail) / max(1, len(tail)):.4f}")
-    if args.export:
-        sizes = export_checkpoint(args.out, args.export)
-        print("exported:", ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in sizes.items()))
+    run_cli(train, export_checkpoint, config, args)
 
 
 if __name__ == "__main__":

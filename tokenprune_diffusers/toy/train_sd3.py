@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 
 from .data import ToyShapesDataset, collate
 from .sd3 import SD3ToyConfig, assemble_sd3_pipeline, build_sd3_models, save_sd3_weights, sd3_token_ids
-from .train import CHECKPOINT, held_out_loss, load_state_file, run_loop, step_generator
+from .train import CHECKPOINT, held_out_loss, load_state_file, run_cli, run_loop, step_generator
 
 __all__ = ["SD3TrainConfig", "MultiplicityJointProcessor", "train_sd3", "load_sd3_checkpoint", "export_sd3_checkpoint",
            "sd3_pipeline_from_checkpoint", "main"]
@@ -324,14 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     config = SD3TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                             ckpt_every=args.ckpt_every, model=SD3ToyConfig.tiny() if args.tiny else SD3ToyConfig())
-    start = time.time()
-    trainer = train_sd3(config, args.out, progress=not args.no_progress)
-    tail = [loss for _, loss in trainer.history[-100:]]
-    print(f"step {trainer.step} ({time.time() - start:.0f} s this call), mean loss of last {len(tail)} steps: "
-          f"{sum(tail) / max(1, len(tail)):.4f}")
-    if args.export:
-        sizes = export_sd3_checkpoint(args.out, args.export)
-        print("exported:", ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in sizes.items()))
+    run_cli(train_sd3, export_sd3_checkpoint, config, args)
 
 
 if __name__ == "__main__":
