@@ -37,10 +37,13 @@ VAL_FRACTION = 0.1  # per-user validation carve of each training split
 GRIDS = {
     "svd": (lambda **p: SVDRecommender(seed=SEED, **p), {"n_factors": [50, 100], "reg": [0.02, 0.05]}, "rmse"),
     "most_popular": (MostPopular, {}, "ndcg"),
-    "itemknn": (ItemKNN, {"k": [50, 100, 200, 400]}, "ndcg"),
-    "ease": (EASE, {"reg": [100.0, 250.0, 500.0, 1000.0]}, "ndcg"),
+    # min_rating: the ranking baselines may learn from the well-rated items only, as CMC's ranking
+    # model weights its positives by rating (RankingConfig.rating_weight)
+    "itemknn": (ItemKNN, {"k": [50, 100, 200, 400], "min_rating": [None, 3.0, 4.0]}, "ndcg"),
+    "ease": (EASE, {"reg": [100.0, 250.0, 500.0, 1000.0], "min_rating": [None, 3.0, 4.0]}, "ndcg"),
     "implicit_als": (lambda **p: ImplicitALS(seed=SEED, **p),
-                     {"factors": [32, 64, 128], "regularization": [1.0, 10.0, 30.0], "alpha": [1.0, 5.0, 20.0]}, "ndcg"),
+                     {"factors": [32, 64, 128], "regularization": [1.0, 10.0, 30.0], "alpha": [1.0, 5.0, 20.0],
+                      "min_rating": [None, 3.0]}, "ndcg"),
     "implicit_bpr": (lambda **p: ImplicitBPR(seed=SEED, **p),
                      {"factors": [64, 128], "learning_rate": [0.01, 0.05], "regularization": [0.01, 0.001]}, "ndcg"),
 }
@@ -51,7 +54,7 @@ RANKING_BASELINES = ("most_popular", "itemknn", "ease", "implicit_als", "implici
 
 def smoke_cmc() -> CMCConfig:
     """A tiny CMC for --benchmark-smoke: the default's parts at a budget of seconds."""
-    return CMCConfig(ranking=RankingConfig(embedding_dim=16, epochs=1, batch_size=8192, seed=SEED),
+    return CMCConfig(ranking=RankingConfig(embedding_dim=16, epochs=1, ensemble=1, seed=SEED),
                      autoencoder=AutoencoderConfig(hidden=16, num_hidden_layers=1, epochs=2, seed=SEED))
 
 

@@ -38,11 +38,11 @@ def main(argv: list[str] | None = None) -> None:
 
     train, test = load_movielens_100k_split(args.split, args.data)
     if args.smoke:
-        cmc_cfg = CMCConfig(ranking=RankingConfig(embedding_dim=16, epochs=1, batch_size=8192, seed=args.seed),
+        cmc_cfg = CMCConfig(ranking=RankingConfig(embedding_dim=16, epochs=1, ensemble=1, seed=args.seed),
                             autoencoder=AutoencoderConfig(hidden=16, num_hidden_layers=1, epochs=2, seed=args.seed))
     else:
         cmc_cfg = CMCConfig(ranking=RankingConfig(seed=args.seed, progress=True),
-                            autoencoder=AutoencoderConfig(ensemble=2, seed=args.seed))
+                            autoencoder=AutoencoderConfig(hidden=250, ensemble=2, seed=args.seed))
     # EASE's lambda and SVD at Surprise's defaults; see benchmarks/ for the validation-tuned versions
     models = {"mean": MeanRecommender(), "svd": SVDRecommender(n_epochs=2 if args.smoke else None, seed=args.seed),
               "ease": EASE(reg=250.0), "cmc": CMCRecommender(cmc_cfg)}

@@ -36,6 +36,14 @@ def tiny_ranking(**kw):
     return RankingConfig(**{"embedding_dim": 16, "epochs": 40, "batch_size": 256, "lr": 0.03, "min_rating": 4.0, **kw})
 
 
+def scores_of(cmc, users):
+    """(users, I) recommend() scores of every item, columns in item-index order."""
+    ids, scores = cmc.recommend(users, k=cmc.n_items, exclude_seen=False)
+    out = np.empty_like(scores)
+    np.put_along_axis(out, cmc.item_map.to_index(ids), scores, 1)
+    return out
+
+
 def test_per_user_split_holds_out_a_share_of_every_user():
     data = clustered()
     fit, val = per_user_split(data, 0.25, seed=1)
@@ -113,8 +121,9 @@ def test_ranking_cmc_learns_the_clusters_and_beats_popularity():
     pop = evaluate(MostPopular().fit(train), train, test, k=5)
     assert res.recall > 0.8 and res.recall > pop.recall + 0.3
     assert set(cmc.timings) == {"ranking"}
-    # scores are cosines of unit embeddings
-    _, scores = cmc.recommend(np.unique(train.users)[:4], k=5)
+    # scores are cosines of unit embeddings (with the popularity penalty switched off)
+    plain = CMCRecommender(CMCConfig(ranking=tiny_ranking(seed=3, popularity_penalty=0.0), autoencoder=None)).fit(train)
+    _, scores = plain.recommend(np.unique(train.users)[:4], k=5)
     assert np.all(scores <= 1.0 + 1e-5) and np.all(np.diff(scores, axis=1) <= 1e-6)
     # without a rating head, predict falls back to the damped biases (finite, in range)
     p = cmc.predict(train.users[:10], train.items[:10])
@@ -164,6 +173,64 @@ def test_full_softmax_loss_is_cross_entropy_over_every_item():
     logits = zu[users] @ zi.T / model.config.temperature  # (3, I)
     expect = (torch.logsumexp(logits, 1) - logits[torch.arange(3), items]).mean()
     assert torch.allclose(out["rank"], expect, atol=1e-5)
+
+
+def test_user_batched_loss_equals_the_pair_batched_loss_and_its_gradient():
+    data = clustered(n_users=8, n_items=6)
+    cmc = CMCRecommender(CMCConfig(ranking=tiny_ranking(epochs=0), autoencoder=None)).fit(data)
+    model = cmc.ranker
+    users, rows = torch.tensor([0, 2, 5]), torch.tensor([0, 0, 1, 2, 2])  # user 0 has two positives
+    items, w = torch.tensor([1, 3, 0, 4, 1]), torch.tensor([1.0, 2.0, 0.5, 1.5, 1.0])
+    grouped = model.user_loss(users, rows, items, w, torch.Generator().manual_seed(0))["loss"]  # = rank: no l2, view
+    grouped.backward()
+    g_grouped, model.h0.grad = model.h0.grad.clone(), None
+    pairs = model.loss(users[rows], items, torch.Generator().manual_seed(0), w)["loss"]
+    pairs.backward()
+    assert torch.allclose(grouped, pairs, atol=1e-6) and torch.allclose(g_grouped, model.h0.grad, atol=1e-6)
+    zu, zi = model.normalized_embeddings()
+    logits = zu[users[rows]] @ zi.T / model.config.temperature  # (5, I)
+    expect = ((torch.logsumexp(logits, 1) - logits[torch.arange(5), items]) * w).sum() / w.sum()
+    assert torch.allclose(grouped.detach(), expect, atol=1e-5)
+
+
+def test_rating_weight_is_a_no_op_on_equal_ratings_and_changes_training_otherwise():
+    data = clustered()
+    flat = Ratings(data.users, data.items, np.full(len(data), 4.0, np.float32))
+    fit = lambda d, rw: scores_of(CMCRecommender(CMCConfig(  # noqa: E731
+        ranking=tiny_ranking(epochs=5, min_rating=None, rating_weight=rw), autoencoder=None)).fit(d), [1, 2, 3])
+    assert np.array_equal(fit(flat, 0.0), fit(flat, 2.0))  # every weight 1 + rw * 0
+    assert not np.allclose(fit(data, 0.0), fit(data, 2.0))  # 5s pull harder than 1s
+    with pytest.raises(ValueError, match="rating_weight"):
+        RankingConfig(rating_weight=-1.0)
+
+
+def test_recommend_scores_are_the_ensemble_mean_cosine_minus_the_popularity_penalty():
+    data = clustered()
+    cfg = tiny_ranking(epochs=3, ensemble=2, popularity_penalty=0.05)
+    cmc = CMCRecommender(CMCConfig(ranking=cfg, autoencoder=None)).fit(data)
+    assert len(cmc.rankers) == 2
+    cos = [m.normalized_embeddings() for m in cmc.rankers]
+    users = np.unique(data.users)[:5]
+    u = torch.as_tensor(cmc.user_map.to_index(users))
+    members = [(zu[u] @ zi.T).numpy() for zu, zi in cos]
+    assert not np.allclose(*members)  # the members have other seeds
+    expect = np.mean(members, 0) - 0.05 * cmc.rankers[0].item_q.log().numpy()[None, :]
+    assert np.allclose(scores_of(cmc, users), expect, atol=1e-5)
+
+
+def test_layer_weights_mix_the_hops_and_are_checked():
+    data = clustered(n_users=8, n_items=6)
+    base = CMCRecommender(CMCConfig(ranking=tiny_ranking(epochs=0), autoencoder=None)).fit(data).ranker
+    only_h0 = CMCRecommender(CMCConfig(ranking=tiny_ranking(epochs=0, layer_weights=(1, 0, 0)), autoencoder=None))
+    model = only_h0.fit(data).ranker
+    with torch.no_grad():
+        assert torch.allclose(model.propagate(), model.h0) and not torch.allclose(base.propagate(), base.h0)
+        assert torch.allclose(CMCRecommender(CMCConfig(ranking=tiny_ranking(epochs=0, layer_weights=(2, 2, 2)),
+                                                       autoencoder=None)).fit(data).ranker.propagate(), base.propagate())
+    with pytest.raises(ValueError, match="layer_weights"):
+        RankingConfig(num_layers=2, layer_weights=(1.0, 1.0))
+    with pytest.raises(ValueError, match="ensemble"):
+        RankingConfig(ensemble=0)
 
 
 def test_default_cmc_ranks_and_predicts_with_the_autoencoder_head():
