@@ -71,6 +71,24 @@ def test_demo_cli_runs_the_sd3_toy(tmp_path):
         assert (tmp_path / name).is_file()
 
 
+def test_demo_cli_runs_the_flux_toy(tmp_path):
+    pytest.importorskip("diffusers")
+    from tokenprune_diffusers.toy.flux import FLUX_WEIGHTS_DIR
+
+    if not (FLUX_WEIGHTS_DIR / "transformer.safetensors").is_file():
+        pytest.skip(f"Flux toy weights not exported to {FLUX_WEIGHTS_DIR}")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tokenprune_diffusers", "--toy-flux", "--steps", "4", "--repeats", "1", "--padding", "drop",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env=env,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "model: embedded Flux-shaped toy model" in proc.stdout and "padding: 0/" in proc.stdout  # every padding position dropped
+    for name in ("stock.png", "pruned.png", "report.json"):
+        assert (tmp_path / name).is_file()
+
+
 def test_demo_cli_refuses_bad_values_naming_them(tmp_path):
     pytest.importorskip("diffusers")
     proc = subprocess.run(

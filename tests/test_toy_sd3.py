@@ -165,7 +165,7 @@ def test_evaluate_reports_the_sequence_removed(pipe):
 
 def test_bad_kind_and_missing_weights_are_refused(tmp_path):
     with pytest.raises(ValueError, match="'flux'"):
-        load_toy_pipeline(kind="flux")
+        load_toy_pipeline(kind="dit")  # the message names the kinds
     with pytest.raises(FileNotFoundError, match="transformer.safetensors"):
         load_toy_pipeline(tmp_path, kind="sd3")
     with pytest.raises(ValueError, match="'dit'"):

@@ -2,6 +2,7 @@
 
     python -m tokenprune_diffusers                       # the embedded, trained toy model (32 px, seconds)
     python -m tokenprune_diffusers --toy-sd3             # the embedded SD3-shaped (MM-DiT) toy model
+    python -m tokenprune_diffusers --toy-flux            # the embedded Flux-shaped (MM-DiT) toy model
     python -m tokenprune_diffusers --sd15-random         # SD-1.5 architecture, random weights, 256 px (speed)
     python -m tokenprune_diffusers --model PATH_OR_HUB_ID # a real checkpoint, where one can be had
     python -m tokenprune_diffusers --tiny --steps 4       # seconds: a tiny random pipeline (smoke test)
@@ -35,6 +36,7 @@ TOY_PROMPT = "a small red circle on the left and a large blue square on the righ
 _DEFAULTS = {
     "toy": (TOY_PROMPT, TOY_KINDS["unet"][0], 32, TOY_KINDS["unet"][1]),
     "toy-sd3": (TOY_PROMPT, TOY_KINDS["sd3"][0], 32, TOY_KINDS["sd3"][1]),
+    "toy-flux": (TOY_PROMPT, TOY_KINDS["flux"][0], 32, TOY_KINDS["flux"][1]),
     "sd15-random": (DEFAULT_PROMPT, 10, 256, 7.5),
     "tiny": (DEFAULT_PROMPT, 10, 64, 7.5),
     "model": (DEFAULT_PROMPT, 25, 512, 7.5),
@@ -52,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src.add_argument("--model", default=None, help="hub id or local folder of a diffusers checkpoint (default: the embedded, trained toy model)")
     src.add_argument("--sd15-random", action="store_true", help="the SD-1.5 architecture with random weights (real speed, no content)")
     src.add_argument("--toy-sd3", action="store_true", help="the embedded SD3-shaped toy model (StableDiffusion3Pipeline, T5 slot empty)")
+    src.add_argument("--toy-flux", action="store_true", help="the embedded Flux-shaped toy model (FluxPipeline, T5 padded, no guidance embedding)")
     src.add_argument("--tiny", action="store_true", help="a tiny random pipeline (seconds; for smoke tests)")
     ap.add_argument("--prompt", default=None, help="default: a two-object prompt for the toy model, else a cat in a red hat")
     ap.add_argument("--negative-prompt", default=None)
@@ -72,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", default="outputs/demo", help="folder for images, heat maps and report")
     args = ap.parse_args(argv)
     args.source = ("model" if args.model else "sd15-random" if args.sd15_random else "tiny" if args.tiny
-                   else "toy-sd3" if args.toy_sd3 else "toy")
+                   else "toy-sd3" if args.toy_sd3 else "toy-flux" if args.toy_flux else "toy")
     prompt, steps, size, guidance = _DEFAULTS[args.source]
     args.prompt = prompt if args.prompt is None else args.prompt
     args.steps = steps if args.steps is None else args.steps
@@ -105,6 +108,8 @@ def load_pipeline(args: argparse.Namespace):
         return sd15_pipeline(seed=args.seed), "SD-1.5 architecture, random weights (seeded)"
     from .toy.model import load_toy_pipeline
 
+    if args.source == "toy-flux":
+        return load_toy_pipeline(kind="flux"), "embedded Flux-shaped toy model (MM-DiT trained on captioned shapes; tokenprune_diffusers.toy.flux)"
     if args.source == "toy-sd3":
         return load_toy_pipeline(kind="sd3"), "embedded SD3-shaped toy model (MM-DiT trained on captioned shapes; tokenprune_diffusers.toy.sd3)"
     pipe = load_toy_pipeline()
@@ -118,6 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"building pipeline ({args.model or args.source}) ...", flush=True)
     pipe, label = load_pipeline(args)
     size = args.size
+    extra = {}
+    if args.source == "toy-flux":
+        from .toy.flux import FLUX_MAX_SEQUENCE_LENGTH
+
+        extra["max_sequence_length"] = FLUX_MAX_SEQUENCE_LENGTH  # as trained
 
     def generate():
         g = torch.Generator().manual_seed(args.seed)
@@ -132,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                 width=size,
                 generator=g,
                 output_type="np",
+                **extra,
             ).images[0]
         return img, time.perf_counter() - t0
 

@@ -327,11 +327,13 @@ TINY_T5_CONFIG = dict(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, re
                       dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
 
 
-def t5_shaped_tokenizer(max_length: int = 512):
+def t5_shaped_tokenizer(max_length: int = 512, extra_words: tuple[str, ...] = ()):
     """A tokenizer with T5's layout, built offline: no start token, ``</s>`` (id 1) after the words,
     ``<pad>`` (id 0) after it. Its vocabulary is the whole words of the CLIP vocabulary (word-level,
-    lower-cased); the real T5 tokenizer is a SentencePiece model that cannot be downloaded here. For
-    Flux-shaped test and benchmark pipelines, where only the id layout matters."""
+    lower-cased), then the ``extra_words`` not among them (after all others: the ids of the CLIP
+    words do not change); the real T5 tokenizer is a SentencePiece model that cannot be downloaded
+    here. For Flux-shaped test and benchmark pipelines, where only the id layout matters, and the
+    Flux toy."""
     from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
@@ -339,7 +341,10 @@ def t5_shaped_tokenizer(max_length: int = 512):
     from .tokenizer import load_clip_tokenizer
 
     words = sorted(w[: -len("</w>")] for w in load_clip_tokenizer().get_vocab() if w.endswith("</w>") and len(w) > 4)
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(dict.fromkeys(words))}}
+    words = list(dict.fromkeys(words))
+    known = set(words)
+    words += [w for w in dict.fromkeys(w.lower() for w in extra_words) if w not in known]
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
     tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

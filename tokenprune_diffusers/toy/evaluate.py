@@ -2,6 +2,7 @@
 
     python -m tokenprune_diffusers.toy.evaluate --n 200 --out adherence.md
     python -m tokenprune_diffusers.toy.evaluate --toy sd3 --n 200 --out adherence_sd3.md
+    python -m tokenprune_diffusers.toy.evaluate --toy flux --n 200 --out adherence_flux.md
 
 Prompts are seeded samples of :class:`~tokenprune_diffusers.toy.data.ToyShapesDataset` (1-object
 and 2-object prompts evaluated separately, distractor phrases included); prompt ``i`` is always
@@ -29,7 +30,7 @@ from ..patch import apply_token_pruning, remove_token_pruning
 from .checker import ATTRIBUTES, score_images
 from .data import COLORS, POSITIONS, SHAPES, SIZES, ToySample, ToyShapesDataset
 
-__all__ = ["EvalConfig", "Setting", "DEFAULT_SETTINGS", "SPEED_SETTINGS", "SD3_SETTINGS", "KINDS", "evaluation_samples",
+__all__ = ["EvalConfig", "Setting", "DEFAULT_SETTINGS", "SPEED_SETTINGS", "SD3_SETTINGS", "FLUX_SETTINGS", "KINDS", "evaluation_samples",
            "generate", "evaluate", "markdown_table", "load_kind", "main"]
 
 
@@ -72,9 +73,20 @@ SD3_SETTINGS: tuple[tuple[str, dict | None], ...] = (
     ("threshold 0.3, warmup 0.2", dict(threshold=0.3, warmup=0.2)),
     ("threshold 0.3, warmup 0.2, padding keep", dict(threshold=0.3, warmup=0.2, padding="keep")),
 )
-# toy kind -> (num_inference_steps, guidance_scale) it is meant for (see docs/toy_model.md)
-KINDS: dict[str, tuple[int, float]] = {"unet": (15, 2.0), "sd3": (10, 2.0)}
+# the Flux toy: its text is T5 only, FLUX_MAX_SEQUENCE_LENGTH positions, mostly padding (T5 ran unmasked)
+FLUX_SETTINGS: tuple[tuple[str, dict | None], ...] = (
+    ("stock", None),
+    ("defaults", {}),
+    ("padding drop, warmup 0.2", dict(padding="drop")),
+    ("padding drop, warmup 0", dict(padding="drop", warmup=0.0)),
+    ("threshold 0.1, padding keep", dict(threshold=0.1, padding="keep")),
+    ("top_k 8", dict(top_k=8)),
+)
+# toy kind -> (num_inference_steps, guidance_scale) it is meant for (see docs/toy_model.md); the Flux
+# toy has no guidance embedding: FluxPipeline ignores guidance_scale, it samples without guidance
+KINDS: dict[str, tuple[int, float]] = {"unet": (15, 2.0), "sd3": (10, 2.0), "flux": (10, 1.0)}
 _ATTRIBUTE_WORDS = frozenset([*COLORS, *SHAPES, *SIZES, *POSITIONS])
+_SPECIAL = frozenset(["<|startoftext|>", "<|endoftext|>", "</s>", "<pad>"])  # CLIP's and T5's start / end / padding
 
 
 @dataclass
@@ -86,6 +98,7 @@ class EvalConfig:
     guidance_scale: float = 2.0  # classifier-free guidance (2.0 beat 5.0 and 8.0 in a small sweep)
     seed: int = 10_000  # prompt set and noise seeds (disjoint from training seeds by default)
     batch_size: int = 50  # prompts per pipeline call
+    max_sequence_length: int | None = None  # passed to the pipeline when set (the Flux toy's T5 length)
 
     @classmethod
     def for_kind(cls, kind: str, **options) -> EvalConfig:
@@ -93,7 +106,12 @@ class EvalConfig:
         if kind not in KINDS:
             raise ValueError(f"unknown toy kind {kind!r}; expected one of {sorted(KINDS)}")
         steps, guidance = KINDS[kind]
-        return cls(**{"steps": steps, "guidance_scale": guidance, **options})
+        defaults = {"steps": steps, "guidance_scale": guidance}
+        if kind == "flux":
+            from .flux import FLUX_MAX_SEQUENCE_LENGTH
+
+            defaults["max_sequence_length"] = FLUX_MAX_SEQUENCE_LENGTH
+        return cls(**{**defaults, **options})
 
     def __post_init__(self) -> None:
         for name in ("n", "steps", "batch_size"):
@@ -114,6 +132,8 @@ def generate(pipe, captions: list[str], config: EvalConfig, on_batch=None, **pip
     ``on_batch(captions)`` is called after each pipeline call (e.g. to read the pruning report);
     ``pipe_kwargs`` go to every pipeline call (e.g. ``callback_on_step_end``).
     """
+    if config.max_sequence_length is not None:
+        pipe_kwargs = {"max_sequence_length": config.max_sequence_length, **pipe_kwargs}
     images: list[np.ndarray] = []
     for start in range(0, len(captions), config.batch_size):
         chunk = captions[start : start + config.batch_size]
@@ -140,7 +160,7 @@ def _pruned_shares(report, rows: int) -> tuple[int, int, int, int]:
         words = report.words(r, list(range(report.roles.shape[1]))) if report.roles is not None else []
         pruned = report.pruned_words(r)
         for w in words:
-            if w in ("<|startoftext|>", "<|endoftext|>"):
+            if w in _SPECIAL:
                 continue
             if w in _ATTRIBUTE_WORDS:
                 at += 1
@@ -149,7 +169,7 @@ def _pruned_shares(report, rows: int) -> tuple[int, int, int, int]:
         for w in pruned:
             if w in _ATTRIBUTE_WORDS:
                 ap += 1
-            elif w not in ("<|startoftext|>", "<|endoftext|>"):
+            elif w not in _SPECIAL:
                 op += 1
     return ap, at, op, ot
 
@@ -237,11 +257,12 @@ def evaluate(pipe, config: EvalConfig, settings=DEFAULT_SETTINGS, progress: bool
 
 
 def markdown_table(rows: list[dict], kind: str = "unet") -> str:
-    """The evaluation rows as a GitHub markdown table (percentages); ``kind="sd3"`` shows the share of
-    the text sequence removed instead of the UNet's cross-attention FLOPs."""
+    """The evaluation rows as a GitHub markdown table (percentages); ``kind="sd3"`` or ``"flux"`` shows
+    the share of the text sequence removed instead of the UNet's cross-attention FLOPs."""
     head = ["setting", "objects", "n", "all correct", *ATTRIBUTES, "count", "attribute words pruned",
             "other words pruned", "text positions pruned"]
-    tail = (["text sequence removed (pruned calls)", "over the generation"] if kind == "sd3"
+    mmdit = kind != "unet"
+    tail = (["text sequence removed (pruned calls)", "over the generation"] if mmdit
             else ["x-attn FLOPs: by pruning", "by K/V reuse", "in all"])
     head += tail
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -250,7 +271,7 @@ def markdown_table(rows: list[dict], kind: str = "unet") -> str:
         cells += [f"{100 * r[a]:.1f}" for a in ATTRIBUTES]
         cells += [f"{100 * r['count']:.1f}", f"{100 * r['attribute_pruned']:.1f}", f"{100 * r['other_pruned']:.1f}",
                   f"{100 * r['positions_pruned']:.1f}"]
-        keys = (["sequence_removed", "sequence_removed_generation"] if kind == "sd3"
+        keys = (["sequence_removed", "sequence_removed_generation"] if mmdit
                 else ["flops_saved_pruning", "flops_saved_kv_reuse", "flops_saved"])
         cells += [f"{100 * r[k]:.1f}" for k in keys]
         lines.append("| " + " | ".join(cells) + " |")
@@ -266,6 +287,10 @@ def load_kind(kind: str, weights: str | None = None, checkpoint: str | None = No
             from .train_sd3 import sd3_pipeline_from_checkpoint
 
             return sd3_pipeline_from_checkpoint(checkpoint)
+        if kind == "flux":
+            from .train_flux import flux_pipeline_from_checkpoint
+
+            return flux_pipeline_from_checkpoint(checkpoint)
         from .train import pipeline_from_checkpoint
 
         return pipeline_from_checkpoint(checkpoint)
@@ -276,7 +301,7 @@ def load_kind(kind: str, weights: str | None = None, checkpoint: str | None = No
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--toy", choices=sorted(KINDS), default="unet", help="which toy model (UNet or SD3-shaped MM-DiT)")
+    parser.add_argument("--toy", choices=sorted(KINDS), default="unet", help="which toy model (UNet, SD3- or Flux-shaped MM-DiT)")
     parser.add_argument("--n", type=int, default=EvalConfig.n, help="prompts per object count")
     parser.add_argument("--steps", type=int, default=None, help="num_inference_steps (default: the toy's, see KINDS)")
     parser.add_argument("--guidance-scale", type=float, default=None, help="default: the toy's, see KINDS")
@@ -292,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     given = {k: v for k, v in (("steps", args.steps), ("guidance_scale", args.guidance_scale)) if v is not None}
     config = EvalConfig.for_kind(args.toy, n=args.n, seed=args.seed, **given)
     pipe = load_kind(args.toy, weights=args.weights, checkpoint=args.checkpoint)
-    base = SD3_SETTINGS if args.toy == "sd3" else DEFAULT_SETTINGS
+    base = {"sd3": SD3_SETTINGS, "flux": FLUX_SETTINGS}.get(args.toy, DEFAULT_SETTINGS)
     settings = base[:1] if args.stock_only else base
     if args.only:
         unknown = sorted(set(args.only) - {Setting(*b).label for b in base})
@@ -300,17 +325,19 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"unknown setting(s) {unknown}; the settings are: {[Setting(*b).label for b in base]}")
         settings = tuple(b for b in base if Setting(*b).label in args.only)
     if args.speed:
-        if args.toy == "sd3":
+        if args.toy != "unet":
             parser.error("--speed is for the UNet toy (gating, collapse and DeepCache are UNet options)")
         settings = DEFAULT_SETTINGS[:1] + SPEED_SETTINGS
     start = time.perf_counter()
-    sampler = "flow-matching Euler" if args.toy == "sd3" else "DPM-Solver++"
+    sampler = "DPM-Solver++" if args.toy == "unet" else "flow-matching Euler"
 
     def write(rows: list[dict]) -> str:
         done = len(rows) == 2 * len(settings)
         header = (
             f"{args.toy} toy, n={config.n} prompts per object count, {config.steps} {sampler} steps, guidance "
-            f"{config.guidance_scale}, seed {config.seed}; {time.perf_counter() - start:.0f} s"
+            f"{config.guidance_scale}" + (" (ignored: no guidance embedding)" if args.toy == "flux" else "")
+            + ("" if config.max_sequence_length is None else f", max_sequence_length {config.max_sequence_length}")
+            + f", seed {config.seed}; {time.perf_counter() - start:.0f} s"
             + ("" if done else f" (partial: {len(rows)} of {2 * len(settings)} rows)") + "\n\n"
         )
         text = header + markdown_table(rows, kind=args.toy)

@@ -159,15 +159,21 @@ def assemble_pipeline(vae, text_encoder, unet, scheduler_config: dict | None = N
     return pipe
 
 
+def data_texts() -> list[str]:
+    """Every word and phrase the toy data set's captions are made of."""
+    from .data import COLORS, DISTRACTORS, POSITION_PHRASES, SHAPES, SIZES
+
+    words = ["a", "and", ","] + list(COLORS) + list(SHAPES) + list(SIZES) + list(POSITION_PHRASES.values())
+    return [*words, *DISTRACTORS, ", ".join(DISTRACTORS)]
+
+
 def data_token_ids(tokenizer=None) -> list[int]:
     """Every token id the toy data set's captions (and the empty prompt) can contain, sorted."""
     from ..tokenizer import load_clip_tokenizer
-    from .data import COLORS, DISTRACTORS, POSITION_PHRASES, SHAPES, SIZES
 
     tok = tokenizer if tokenizer is not None else load_clip_tokenizer()
-    words = ["a", "and", ","] + list(COLORS) + list(SHAPES) + list(SIZES) + list(POSITION_PHRASES.values())
-    ids: set[int] = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
-    for text in [*words, *DISTRACTORS, ", ".join(DISTRACTORS)]:
+    ids: set[int] = {i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if i is not None}
+    for text in data_texts():
         ids.update(tok(text).input_ids)
     return sorted(ids)
 
@@ -179,22 +185,23 @@ def embedding_key(state: dict) -> str:
     return keys[0]
 
 
-def shrink_embeddings(text_state: dict, token_ids: list[int]) -> dict:
+def shrink_embeddings(text_state: dict, token_ids: list[int], key: str | None = None) -> dict:
     """A copy of a text encoder's state dict keeping only the ``token_ids`` rows of its token
-    embedding (plus ``stored_token_ids``); :func:`expand_embeddings` undoes it (other rows zero)."""
+    embedding (``key``; default: the CLIP one, see :func:`embedding_key`) plus ``stored_token_ids``;
+    :func:`expand_embeddings` undoes it (other rows zero)."""
     state = {k: v.detach().clone().contiguous() for k, v in text_state.items()}
-    key = embedding_key(state)
+    key = key or embedding_key(state)
     ids = torch.tensor(token_ids, dtype=torch.int64)  # (V_used,)
     state[key] = state[key][ids].contiguous()  # (V_used, hidden)
     state["stored_token_ids"] = ids
     return state
 
 
-def expand_embeddings(stored: dict, vocab_size: int) -> dict:
+def expand_embeddings(stored: dict, vocab_size: int, key: str | None = None) -> dict:
     """The full state dict from :func:`shrink_embeddings`' output: rows not stored are zeros."""
     state = dict(stored)
     ids = state.pop("stored_token_ids")  # (V_used,)
-    key = embedding_key(state)
+    key = key or embedding_key(state)
     rows = state[key]  # (V_used, hidden)
     full = torch.zeros(vocab_size, rows.shape[1], dtype=rows.dtype)  # (V, hidden)
     full[ids] = rows
@@ -244,14 +251,15 @@ def save_weights(pipe_or_models, folder: str | Path, config: ToyModelConfig, tok
 
 def load_toy_pipeline(folder: str | Path | None = None, dtype: torch.dtype = torch.float32, kind: str = "unet"):
     """The trained toy model, loaded offline: a ``StableDiffusionPipeline`` (``kind="unet"``, the
-    default) or the SD3-shaped MM-DiT toy as a ``StableDiffusion3Pipeline`` (``kind="sd3"``, see
-    :mod:`~tokenprune_diffusers.toy.sd3`).
+    default), the SD3-shaped MM-DiT toy as a ``StableDiffusion3Pipeline`` (``kind="sd3"``, see
+    :mod:`~tokenprune_diffusers.toy.sd3`) or the Flux-shaped one as a ``FluxPipeline``
+    (``kind="flux"``, see :mod:`~tokenprune_diffusers.toy.flux`).
 
     Args:
         folder: a folder written by :func:`save_weights` (or :func:`~.sd3.save_sd3_weights`);
             default: the weights of that kind shipped in the package.
         dtype: parameter dtype of the returned pipeline.
-        kind: "unet" or "sd3".
+        kind: "unet", "sd3" or "flux".
 
     Raises:
         FileNotFoundError: when the folder lacks the weights (they have not been trained/exported).
@@ -263,8 +271,12 @@ def load_toy_pipeline(folder: str | Path | None = None, dtype: torch.dtype = tor
         from .sd3 import load_sd3_pipeline
 
         return load_sd3_pipeline(folder, dtype=dtype)
+    if kind == "flux":
+        from .flux import load_flux_pipeline
+
+        return load_flux_pipeline(folder, dtype=dtype)
     if kind != "unet":
-        raise ValueError(f"unknown toy kind {kind!r}; expected 'unet' or 'sd3'")
+        raise ValueError(f"unknown toy kind {kind!r}; expected 'unet', 'sd3' or 'flux'")
 
     folder = Path(folder) if folder is not None else WEIGHTS_DIR
     needed = ["config.json", "vae.safetensors", "unet.safetensors", "text_encoder.safetensors"]

@@ -69,7 +69,7 @@ def _default_sd3_text() -> dict:
     return default_text_config() | dict(num_hidden_layers=3, projection_dim=64)
 
 
-def _default_flow_scheduler() -> dict:
+def default_flow_scheduler() -> dict:
     return dict(num_train_timesteps=1000, shift=1.0)
 
 
@@ -79,7 +79,7 @@ class SD3ToyConfig:
 
     transformer: dict = field(default_factory=_default_transformer)  # diffusers SD3Transformer2DModel(**transformer)
     text: dict = field(default_factory=_default_sd3_text)  # CLIPTextConfig(**text), both encoders
-    scheduler: dict = field(default_factory=_default_flow_scheduler)  # FlowMatchEulerDiscreteScheduler(**scheduler)
+    scheduler: dict = field(default_factory=default_flow_scheduler)  # FlowMatchEulerDiscreteScheduler(**scheduler)
 
     def __post_init__(self) -> None:
         t, x = self.transformer, self.text
@@ -148,7 +148,7 @@ def assemble_sd3_pipeline(vae, text_encoder, text_encoder_2, transformer, schedu
 
     from ..models import assemble_sd3_pipeline as assemble
 
-    scheduler = FlowMatchEulerDiscreteScheduler(**(scheduler_config or _default_flow_scheduler()))
+    scheduler = FlowMatchEulerDiscreteScheduler(**(scheduler_config or default_flow_scheduler()))
     pipe = assemble(transformer, vae, text_encoder, text_encoder_2, scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe

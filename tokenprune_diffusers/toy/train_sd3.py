@@ -28,6 +28,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,7 @@ from .sd3 import SD3ToyConfig, assemble_sd3_pipeline, build_sd3_models, save_sd3
 from .train import CHECKPOINT, held_out_loss, load_state_file, run_cli, run_loop, step_generator
 
 __all__ = ["SD3TrainConfig", "MultiplicityJointProcessor", "train_sd3", "load_sd3_checkpoint", "export_sd3_checkpoint",
+           "train_flow", "load_flow_checkpoint", "export_flow_checkpoint", "flow_pipeline_from_trainer", "flow_main",
            "sd3_pipeline_from_checkpoint", "main"]
 
 MAX_SEQUENCE_LENGTH = 256  # the pipeline's default number of zero T5 positions (trained with it)
@@ -58,6 +60,7 @@ class SD3TrainConfig:
     logit_mean: float = 0.0  # logit-normal timestep density: mean ...
     logit_std: float = 1.0  # ... and standard deviation of the logit
     model: SD3ToyConfig = field(default_factory=SD3ToyConfig)
+    model_class: ClassVar[type] = SD3ToyConfig  # what a dict ``model`` (from a checkpoint) becomes
 
     def __post_init__(self) -> None:
         for name in ("steps", "ckpt_every", "warmup_steps"):
@@ -71,7 +74,7 @@ class SD3TrainConfig:
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be positive and finite, got {self.lr!r}")
         if isinstance(self.model, dict):
-            self.model = SD3ToyConfig(**self.model)
+            self.model = type(self).model_class(**self.model)
 
 
 class MultiplicityJointProcessor:
@@ -139,22 +142,45 @@ def _trained_parameters(transformer, text_encoder, text_encoder_2) -> list[torch
 
 
 class _SD3Trainer:
-    """Networks, optimiser and EMA of an SD3-toy run; the interface :func:`~.train.run_loop` drives."""
+    """Networks, optimiser and EMA of an SD3-toy run; the interface :func:`~.train.run_loop` drives.
+
+    The Flux toy's trainer (:mod:`~.train_flux`) subclasses it: it overrides the model-specific
+    methods (``build``, ``new_models``, ``assemble``, ``save``, ``flow_loss``, ``stock_processor``)."""
 
     name = "toy-sd3"
+    config_class: type = SD3TrainConfig
 
-    def __init__(self, config: SD3TrainConfig, vae=None):
+    def build(self, config: SD3TrainConfig, vae) -> None:
+        """Set ``vae``, ``text_encoder``, ``text_encoder_2``, ``transformer`` and ``pipe`` (training processors)."""
         from .model import load_toy_pipeline
 
-        self.config = config
         toy = load_toy_pipeline()  # the UNet toy: its VAE (frozen) and text encoder (initialisation)
         self.vae, self.text_encoder, self.text_encoder_2, self.transformer = build_sd3_models(
             config.model, seed=config.seed, vae=vae if vae is not None else toy.vae, init_text=toy.text_encoder
         )
-        self.pipe = assemble_sd3_pipeline(self.vae, self.text_encoder, self.text_encoder_2, self.transformer,
-                                          scheduler_config=config.model.scheduler)
+        self.pipe = self.assemble((self.vae, self.text_encoder, self.text_encoder_2, self.transformer))
         self.transformer.set_attn_processor(MultiplicityJointProcessor())
         self.clip_len = self.pipe.tokenizer_max_length
+
+    def new_models(self):
+        """Fresh (vae, text_encoder, text_encoder_2, transformer) of this run's config (this run's VAE)."""
+        return build_sd3_models(self.config.model, seed=self.config.seed, vae=self.vae)
+
+    def assemble(self, models):
+        return assemble_sd3_pipeline(*models, scheduler_config=self.config.model.scheduler)
+
+    def save(self, models, folder: str | Path) -> dict[str, int]:
+        return save_sd3_weights(models, folder, self.config.model, sd3_token_ids())
+
+    @staticmethod
+    def stock_processor():
+        from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+        return JointAttnProcessor2_0()
+
+    def __init__(self, config: SD3TrainConfig, vae=None):
+        self.config = config
+        self.build(config, vae)
         self.data = ToyShapesDataset(seed=config.seed, length=2**62)
         self.params = _trained_parameters(self.transformer, self.text_encoder, self.text_encoder_2)
         self.opt = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=0.0)
@@ -238,7 +264,7 @@ class _SD3Trainer:
 
     def ema_models(self):
         """(vae, text_encoder, text_encoder_2, transformer) with the EMA weights (copies, stock processors)."""
-        vae, te1, te2, transformer = build_sd3_models(self.config.model, seed=self.config.seed, vae=self.vae)
+        vae, te1, te2, transformer = self.new_models()
         for name, m in (("text_encoder", te1), ("text_encoder_2", te2), ("transformer", transformer)):
             m.load_state_dict(getattr(self, name).state_dict())
         trained = _trained_parameters(transformer, te1, te2)
@@ -256,16 +282,44 @@ def _vae_from_state(state: dict):
     return vae
 
 
-def _config_from_state(state: dict) -> SD3TrainConfig:
-    cfg = dict(state["config"])
-    cfg["model"] = SD3ToyConfig(**cfg["model"])
-    return SD3TrainConfig(**cfg)
-
-
-def _trainer_from_state(state: dict, **overrides) -> _SD3Trainer:
-    trainer = _SD3Trainer(dataclasses.replace(_config_from_state(state), **overrides), vae=_vae_from_state(state))
+def _trainer_from_state(cls: type, state: dict, **overrides) -> _SD3Trainer:
+    config = cls.config_class(**state["config"])  # its model dict becomes the model config
+    trainer = cls(dataclasses.replace(config, **overrides), vae=_vae_from_state(state))
     trainer.load_state(state)
     return trainer
+
+
+def train_flow(cls: type, config, out: str | Path, progress: bool = True, stop_after: int | None = None):
+    """:func:`train_sd3` for a trainer class (``_SD3Trainer`` or a subclass)."""
+    out = Path(out)
+    state = load_state_file(out)
+    if state is not None:
+        trainer = _trainer_from_state(cls, state, steps=config.steps, ckpt_every=config.ckpt_every)
+    else:
+        trainer = cls(config)
+    return run_loop(trainer, out, trainer.config.ckpt_every, progress=progress, stop_after=stop_after)
+
+
+def load_flow_checkpoint(cls: type, out: str | Path):
+    """The trainer of class ``cls`` stored in ``out/checkpoint.pt``."""
+    state = load_state_file(out)
+    if state is None:
+        raise FileNotFoundError(f"no checkpoint at {Path(out) / CHECKPOINT}")
+    return _trainer_from_state(cls, state)
+
+
+def export_flow_checkpoint(trainer, folder: str | Path, ema: bool = True) -> dict[str, int]:
+    """Write a trainer's (EMA) weights as safetensors + config.json."""
+    models = trainer.ema_models() if ema else (trainer.vae, trainer.text_encoder, trainer.text_encoder_2, trainer.transformer)
+    return trainer.save(models, folder)
+
+
+def flow_pipeline_from_trainer(trainer, ema: bool = True):
+    """The trainer's pipeline (EMA weights: copies; else its own networks), with the stock processors."""
+    if ema:
+        return trainer.assemble(trainer.ema_models())
+    trainer.transformer.set_attn_processor(trainer.stock_processor())
+    return trainer.pipe
 
 
 def train_sd3(config: SD3TrainConfig, out: str | Path, progress: bool = True, stop_after: int | None = None) -> _SD3Trainer:
@@ -274,56 +328,45 @@ def train_sd3(config: SD3TrainConfig, out: str | Path, progress: bool = True, st
     On resume the checkpoint's config (and VAE) is used, except ``steps`` and ``ckpt_every``.
     ``stop_after``: stop (with a checkpoint) after this many steps of this call.
     """
-    out = Path(out)
-    state = load_state_file(out)
-    if state is not None:
-        trainer = _trainer_from_state(state, steps=config.steps, ckpt_every=config.ckpt_every)
-    else:
-        trainer = _SD3Trainer(config)
-    return run_loop(trainer, out, trainer.config.ckpt_every, progress=progress, stop_after=stop_after)
+    return train_flow(_SD3Trainer, config, out, progress=progress, stop_after=stop_after)
 
 
 def load_sd3_checkpoint(out: str | Path) -> _SD3Trainer:
     """The trainer state stored in ``out/checkpoint.pt``."""
-    state = load_state_file(out)
-    if state is None:
-        raise FileNotFoundError(f"no checkpoint at {Path(out) / CHECKPOINT}")
-    return _trainer_from_state(state)
+    return load_flow_checkpoint(_SD3Trainer, out)
 
 
 def export_sd3_checkpoint(out: str | Path, folder: str | Path, ema: bool = True) -> dict[str, int]:
     """Write a checkpoint's (EMA) weights as safetensors + config.json (see :func:`~.sd3.save_sd3_weights`)."""
-    trainer = load_sd3_checkpoint(out)
-    models = trainer.ema_models() if ema else (trainer.vae, trainer.text_encoder, trainer.text_encoder_2, trainer.transformer)
-    return save_sd3_weights(models, folder, trainer.config.model, sd3_token_ids())
+    return export_flow_checkpoint(load_sd3_checkpoint(out), folder, ema=ema)
 
 
 def sd3_pipeline_from_checkpoint(out: str | Path, ema: bool = True):
     """A ``StableDiffusion3Pipeline`` straight from a checkpoint (EMA weights, stock processors)."""
-    trainer = load_sd3_checkpoint(out)
-    if ema:
-        return assemble_sd3_pipeline(*trainer.ema_models(), scheduler_config=trainer.config.model.scheduler)
-    from diffusers.models.attention_processor import JointAttnProcessor2_0
-
-    trainer.transformer.set_attn_processor(JointAttnProcessor2_0())
-    return trainer.pipe
+    return flow_pipeline_from_trainer(load_sd3_checkpoint(out), ema=ema)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def flow_main(description: str, config_class: type, train_fn, export_fn, argv: list[str] | None = None) -> None:
+    """The training command of a flow-matching toy (SD3 or Flux): ``config_class`` is its train config."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", required=True, help="run folder (checkpoint.pt); resumes when it holds one")
-    parser.add_argument("--steps", type=int, default=SD3TrainConfig.steps, help="steps in total")
-    parser.add_argument("--batch-size", type=int, default=SD3TrainConfig.batch_size)
-    parser.add_argument("--lr", type=float, default=SD3TrainConfig.lr)
-    parser.add_argument("--seed", type=int, default=SD3TrainConfig.seed)
-    parser.add_argument("--ckpt-every", type=int, default=SD3TrainConfig.ckpt_every, help="steps between checkpoints")
+    parser.add_argument("--steps", type=int, default=config_class.steps, help="steps in total")
+    parser.add_argument("--batch-size", type=int, default=config_class.batch_size)
+    parser.add_argument("--lr", type=float, default=config_class.lr)
+    parser.add_argument("--seed", type=int, default=config_class.seed)
+    parser.add_argument("--ckpt-every", type=int, default=config_class.ckpt_every, help="steps between checkpoints")
     parser.add_argument("--tiny", action="store_true", help="the tiny test model instead of the default")
     parser.add_argument("--export", default=None, help="after training, export the EMA weights to this folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    config = SD3TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                            ckpt_every=args.ckpt_every, model=SD3ToyConfig.tiny() if args.tiny else SD3ToyConfig())
-    run_cli(train_sd3, export_sd3_checkpoint, config, args)
+    model = config_class.model_class.tiny() if args.tiny else config_class.model_class()
+    config = config_class(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                          ckpt_every=args.ckpt_every, model=model)
+    run_cli(train_fn, export_fn, config, args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    flow_main(__doc__.split("\n\n")[0], SD3TrainConfig, train_sd3, export_sd3_checkpoint, argv)
 
 
 if __name__ == "__main__":
