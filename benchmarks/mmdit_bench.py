@@ -138,36 +138,55 @@ def _sync(device: str) -> None:
 
 
 def run(transformer_cfg: dict, size: int, steps: int, repeats: int, prompt: str, seed: int = 0, progress=print,
-        family: str = "sd3", device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+        family: str = "sd3", device: str = "cpu", dtype: torch.dtype = torch.float32,
+        cache_threshold: float | None = None) -> dict:
     """Whole denoising loops, interleaved: stock; on SD3 the exact zero merge alone (``warmup=1``:
-    nothing pruned); pruning (with the merge on SD3 during the warm-up). Medians; what each
-    mechanism saved is the ratio of consecutive rows."""
+    nothing pruned); pruning (with the merge on SD3 during the warm-up); with ``cache_threshold``
+    (Flux), diffusers' FirstBlockCache alone and with pruning. Medians; what each mechanism saved
+    is the ratio of consecutive rows."""
     from tokenprune_diffusers import apply_token_pruning, remove_token_pruning
 
     pipe = PIPELINES[family](transformer_cfg, seed).to(device, dtype)
     n_words = _prompt_tokens(pipe, family, prompt) - (1 if family == "flux" else 2)
-    options = {"merged": dict(warmup=1.0), "pruned": dict(top_k=n_words, padding="drop", warmup=0.2)}
+    pruned = dict(top_k=n_words, padding="drop", warmup=0.2)
+    options = {"merged": dict(warmup=1.0), "pruned": pruned, "pruned+fbc": pruned}
     configs = ("stock", "merged", "pruned") if family == "sd3" else ("stock", "pruned")
+    if cache_threshold is not None:
+        if not hasattr(pipe.transformer, "enable_cache"):
+            raise ValueError(f"{type(pipe.transformer).__name__} has no enable_cache in this diffusers: no FirstBlockCache rows")
+        configs += ("fbc", "pruned+fbc")
     guidance = 3.5 if family == "flux" else 7.0  # Flux: the distilled guidance embedding, one row
-    reports = {}
+    reports, computed = {}, {c: [] for c in configs}
+    last_block = (getattr(pipe.transformer, "single_transformer_blocks", None) or pipe.transformer.transformer_blocks)[-1]
 
-    def generate(config: str):
-        proc = apply_token_pruning(pipe, **options[config]) if config != "stock" else None
+    def generate(config: str, n_steps: int = steps):
+        proc = apply_token_pruning(pipe, **options[config]) if config in options else None
+        if config.endswith("fbc"):
+            from diffusers.hooks import FirstBlockCacheConfig
+
+            pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=cache_threshold))
+        ran = []  # calls that ran the last block (not served from the cache)
+        handle = last_block.register_forward_hook(lambda *a: ran.append(1))
         g = torch.Generator(device).manual_seed(seed)
         _sync(device)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            pipe(prompt, num_inference_steps=steps, height=size, width=size, guidance_scale=guidance, generator=g,
+            pipe(prompt, num_inference_steps=n_steps, height=size, width=size, guidance_scale=guidance, generator=g,
                  output_type="latent")
         _sync(device)
         seconds = time.perf_counter() - t0
+        handle.remove()
+        computed[config].append(len(ran))
         if proc is not None:
             reports[config] = proc.report
+        if config.endswith("fbc"):
+            pipe.transformer.disable_cache()
         remove_token_pruning(pipe)
         return seconds
 
-    for config in configs:  # warm-up, untimed
-        generate(config)
+    for config in configs:  # warm-up, untimed: 2 steps (one full call, one pruned)
+        generate(config, min(2, steps))
+        computed[config].clear()
     seconds: dict[str, list] = {c: [] for c in configs}
     calls: dict[str, list] = {c: [] for c in configs}
     for r in range(repeats):
@@ -196,6 +215,8 @@ def run(transformer_cfg: dict, size: int, steps: int, repeats: int, prompt: str,
         "call_seconds": call_s,
         "call_speedup": per_call,
         "full_calls_per_pruned_generation": warm,
+        "computed_calls": computed,  # per timed loop: calls that ran every block (FirstBlockCache serves the others)
+        "cache_threshold": cache_threshold,
         "loop_bound_from_calls": steps / (warm + (steps - warm) / per_call),
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
                         "machine": platform.machine(), "threads": torch.get_num_threads(),
@@ -299,8 +320,8 @@ def to_markdown(results: list[dict]) -> str:
         + "Transformer depth reduced (stated): the text stream's share of a call is the same "
         f"in every block, so the per-call ratio holds for the full depth ({depth}) up to the embeddings and final layer.",
         "",
-        "| size | prompt | blocks | config | text positions per call | loop s | loop speedup | call s | call speedup |",
-        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: |",
+        "| size | prompt | blocks | config | text positions per call | calls computed | loop s | loop speedup | call s | call speedup |",
+        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         s = r["setup"]
@@ -309,10 +330,15 @@ def to_markdown(results: list[dict]) -> str:
         for c, loop in r["loop_median_s"].items():
             n = r["text_tokens"]["per_config"][c]
             text = " -> ".join(map(str, n[::-1])) if len(n) > 1 else str(n[0])
-            lines.append(f"| {s['size']} | {label} | {blocks} | {c} | {text} | {loop:.2f} | {r['loop_median_s']['stock'] / loop:.2f}x "
+            done = r.get("computed_calls", {}).get(c)
+            done = f"{statistics.median(done):g} / {s['steps']}" if done else "-"
+            lines.append(f"| {s['size']} | {label} | {blocks} | {c} | {text} | {done} | {loop:.2f} | {r['loop_median_s']['stock'] / loop:.2f}x "
                          f"| {r['call_seconds'][c]:.3f} | {r['call_seconds']['stock'] / r['call_seconds'][c]:.2f}x |")
         lines.append(f"| | | | | kept per row: {'/'.join(map(str, r['text_tokens']['kept_per_row']))}; full calls of a pruned "
-                     f"loop: {r['full_calls_per_pruned_generation']}; loop bound from the calls: {r['loop_bound_from_calls']:.2f}x | | | | |")
+                     f"loop: {r['full_calls_per_pruned_generation']}; loop bound from the calls: {r['loop_bound_from_calls']:.2f}x | | | | | |")
+        if r.get("cache_threshold") is not None:
+            lines.append(f"| | | | | `fbc`: diffusers' FirstBlockCache (threshold {r['cache_threshold']}); `calls computed`: calls "
+                         "that ran the last block; `call s` of the fbc rows mixes computed and cached calls | | | | | |")
     lines += ["", f"Environment: {json.dumps(results[0]['environment'])}."]
     return "\n".join(lines) + "\n"
 
@@ -344,12 +370,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", choices=("short", "long", "both"), default="both")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    ap.add_argument("--cache-threshold", type=float, default=None, help="Flux: add FirstBlockCache rows at this threshold")
     ap.add_argument("--out", default=None, help="write results .json and .md with this path prefix")
     args = ap.parse_args(argv)
     cfg = ARCHITECTURES[args.family]
     where = dict(device=args.device, dtype=getattr(torch, args.dtype))
     prompts = {"short": (SHORT_PROMPT,), "long": (LONG_PROMPT,), "both": (SHORT_PROMPT, LONG_PROMPT)}[args.prompts]
-    results = [run(cfg, size, args.steps, args.repeats, prompt, family=args.family, **where) for size in args.size for prompt in prompts]
+    results = [run(cfg, size, args.steps, args.repeats, prompt, family=args.family, cache_threshold=args.cache_threshold, **where)
+               for size in args.size for prompt in prompts]
     pairs = [call_pairs(cfg, size, args.pairs, family=args.family, **where) for size in args.size] if args.pairs else []
     md = to_markdown(results) + "".join(pairs_markdown(p) for p in pairs)
     print(md)
