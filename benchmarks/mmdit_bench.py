@@ -18,10 +18,14 @@ on trained weights is for the toy MM-DiT.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -137,6 +141,50 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _options(pipe, family: str, prompt: str) -> dict[str, dict]:
+    """Token-pruning options of each configuration but stock and the cache alone."""
+    n_words = _prompt_tokens(pipe, family, prompt) - (1 if family == "flux" else 2)
+    pruned = dict(top_k=n_words, padding="drop", warmup=0.2)
+    return {"merged": dict(warmup=1.0), "pruned": pruned, "pruned+fbc": pruned}
+
+
+def _generate(pipe, family: str, config: str, prompt: str, steps: int, size: int, seed: int = 0, device: str = "cpu",
+              cache_threshold: float | None = None) -> tuple[float, object, int]:
+    """One generation of ``config``: (seconds, the pruning report or None, calls that ran every block)."""
+    from tokenprune_diffusers import apply_token_pruning, remove_token_pruning
+
+    options = _options(pipe, family, prompt)
+    proc = apply_token_pruning(pipe, **options[config]) if config in options else None
+    if config.endswith("fbc"):
+        from diffusers.hooks import FirstBlockCacheConfig
+
+        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=cache_threshold))
+    ran = []  # calls that ran the last block (not served from the cache)
+    last_block = (getattr(pipe.transformer, "single_transformer_blocks", None) or pipe.transformer.transformer_blocks)[-1]
+    handle = last_block.register_forward_hook(lambda *a: ran.append(1))
+    guidance = 3.5 if family == "flux" else 7.0  # Flux: the distilled guidance embedding, one row
+    g = torch.Generator(device).manual_seed(seed)
+    try:
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            pipe(prompt, num_inference_steps=steps, height=size, width=size, guidance_scale=guidance, generator=g,
+                 output_type="latent")
+        _sync(device)
+        seconds = time.perf_counter() - t0
+    finally:
+        handle.remove()
+        if config.endswith("fbc"):
+            pipe.transformer.disable_cache()
+        remove_token_pruning(pipe)
+    return seconds, proc.report if proc is not None else None, len(ran)
+
+
+def configs_of(family: str, cache_threshold: float | None = None) -> tuple[str, ...]:
+    configs = ("stock", "merged", "pruned") if family == "sd3" else ("stock", "pruned")
+    return configs + (("fbc", "pruned+fbc") if cache_threshold is not None else ())
+
+
 def run(transformer_cfg: dict, size: int, steps: int, repeats: int, prompt: str, seed: int = 0, progress=print,
         family: str = "sd3", device: str = "cpu", dtype: torch.dtype = torch.float32,
         cache_threshold: float | None = None) -> dict:
@@ -144,44 +192,18 @@ def run(transformer_cfg: dict, size: int, steps: int, repeats: int, prompt: str,
     nothing pruned); pruning (with the merge on SD3 during the warm-up); with ``cache_threshold``
     (Flux), diffusers' FirstBlockCache alone and with pruning. Medians; what each mechanism saved
     is the ratio of consecutive rows."""
-    from tokenprune_diffusers import apply_token_pruning, remove_token_pruning
-
     pipe = PIPELINES[family](transformer_cfg, seed).to(device, dtype)
-    n_words = _prompt_tokens(pipe, family, prompt) - (1 if family == "flux" else 2)
-    pruned = dict(top_k=n_words, padding="drop", warmup=0.2)
-    options = {"merged": dict(warmup=1.0), "pruned": pruned, "pruned+fbc": pruned}
-    configs = ("stock", "merged", "pruned") if family == "sd3" else ("stock", "pruned")
-    if cache_threshold is not None:
-        if not hasattr(pipe.transformer, "enable_cache"):
-            raise ValueError(f"{type(pipe.transformer).__name__} has no enable_cache in this diffusers: no FirstBlockCache rows")
-        configs += ("fbc", "pruned+fbc")
-    guidance = 3.5 if family == "flux" else 7.0  # Flux: the distilled guidance embedding, one row
+    configs = configs_of(family, cache_threshold)
+    if cache_threshold is not None and not hasattr(pipe.transformer, "enable_cache"):
+        raise ValueError(f"{type(pipe.transformer).__name__} has no enable_cache in this diffusers: no FirstBlockCache rows")
+    options = _options(pipe, family, prompt)
     reports, computed = {}, {c: [] for c in configs}
-    last_block = (getattr(pipe.transformer, "single_transformer_blocks", None) or pipe.transformer.transformer_blocks)[-1]
 
-    def generate(config: str, n_steps: int = steps):
-        proc = apply_token_pruning(pipe, **options[config]) if config in options else None
-        if config.endswith("fbc"):
-            from diffusers.hooks import FirstBlockCacheConfig
-
-            pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=cache_threshold))
-        ran = []  # calls that ran the last block (not served from the cache)
-        handle = last_block.register_forward_hook(lambda *a: ran.append(1))
-        g = torch.Generator(device).manual_seed(seed)
-        _sync(device)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            pipe(prompt, num_inference_steps=n_steps, height=size, width=size, guidance_scale=guidance, generator=g,
-                 output_type="latent")
-        _sync(device)
-        seconds = time.perf_counter() - t0
-        handle.remove()
-        computed[config].append(len(ran))
-        if proc is not None:
-            reports[config] = proc.report
-        if config.endswith("fbc"):
-            pipe.transformer.disable_cache()
-        remove_token_pruning(pipe)
+    def generate(config: str, n_steps: int = steps) -> float:
+        seconds, report, ran = _generate(pipe, family, config, prompt, n_steps, size, seed, device, cache_threshold)
+        computed[config].append(ran)
+        if report is not None:
+            reports[config] = report
         return seconds
 
     for config in configs:  # warm-up, untimed: 2 steps (one full call, one pruned)
@@ -297,6 +319,46 @@ def call_pairs(transformer_cfg: dict, size: int, pairs: int, prompt: str = SHORT
             "seconds": times, "median_s": med, "speedup": {name: med["full"] / m for name, m in med.items()}, "flops": flops}
 
 
+def peak_memory(family: str, size: int, steps: int = 2, prompt: str = SHORT_PROMPT, seed: int = 0,
+                architecture: str | None = None, cache_threshold: float | None = None) -> dict[str, float]:
+    """Peak resident memory (MB) of one generation per configuration, each in a child process of its
+    own, the kernel's peak-RSS counter reset after the pipeline is built (CPU, float32). With 2 steps
+    and warm-up 0.2 a pruned generation runs one full (scored) call and one pruned call."""
+    peaks = {}
+    for config in configs_of(family, cache_threshold):
+        cmd = [sys.executable, str(Path(__file__)), "--child-memory", config, "--family", family, "--size", str(size),
+               "--steps", str(steps), "--architecture", architecture or family]
+        if cache_threshold is not None:
+            cmd += ["--cache-threshold", str(cache_threshold)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": _pythonpath()})
+        peaks[config] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+    return peaks
+
+
+def _pythonpath() -> str:
+    here = str(Path(__file__).resolve().parent)
+    return os.pathsep.join([here, str(Path(here).parent), os.environ.get("PYTHONPATH", "")])
+
+
+def _child_memory(config: str, family: str, architecture: str, size: int, steps: int, cache_threshold: float | None) -> None:
+    from peak_rss import peak_rss_mb, reset_peak_rss
+
+    pipe = PIPELINES[family]({**ARCHITECTURES, "tiny-sd3": TINY, "tiny-flux": TINY_FLUX}[architecture])
+    gc.collect()
+    reset = reset_peak_rss()  # building the pipeline peaks higher than denoising: measure from here
+    _generate(pipe, family, config, SHORT_PROMPT, steps, size, cache_threshold=cache_threshold)
+    print(json.dumps({"peak_mb": peak_rss_mb(reset), "denoising_only": reset}))
+
+
+def memory_markdown(family: str, size: int, steps: int, peaks: dict[str, float]) -> str:
+    stock = peaks["stock"]
+    rows = "\n".join(f"| {c} | {mb:.0f} | {mb - stock:+.0f} MB |" for c, mb in peaks.items())
+    return (f"\nPeak memory ({family}, {size} px, {steps} steps, CPU float32; one child process per configuration, the "
+            "peak-RSS counter reset after the pipeline is built: weights resident, text encoding included):\n\n"
+            f"| configuration | peak RSS MB | vs stock |\n| --- | ---: | ---: |\n{rows}\n\n"
+            f"Highest against stock: {max(peaks, key=peaks.get)} ({max(peaks.values()) - stock:+.0f} MB).\n")
+
+
 FAMILY_TEXT = {
     "sd3": ("SD3-medium widths", "StableDiffusion3Pipeline with the T5 slot empty (77 CLIP + 256 zero positions), CFG batch 2",
             f"{SD3_MEDIUM_DEPTH} joint blocks"),
@@ -371,8 +433,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     ap.add_argument("--cache-threshold", type=float, default=None, help="Flux: add FirstBlockCache rows at this threshold")
+    ap.add_argument("--memory", action="store_true", help="also the peak memory of each configuration (child processes, CPU)")
+    ap.add_argument("--child-memory", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--architecture", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help="write results .json and .md with this path prefix")
     args = ap.parse_args(argv)
+    if args.child_memory:
+        _child_memory(args.child_memory, args.family, args.architecture or args.family, args.size[0], args.steps, args.cache_threshold)
+        return 0
     cfg = ARCHITECTURES[args.family]
     where = dict(device=args.device, dtype=getattr(torch, args.dtype))
     prompts = {"short": (SHORT_PROMPT,), "long": (LONG_PROMPT,), "both": (SHORT_PROMPT, LONG_PROMPT)}[args.prompts]
@@ -380,9 +448,11 @@ def main(argv: list[str] | None = None) -> int:
                for size in args.size for prompt in prompts]
     pairs = [call_pairs(cfg, size, args.pairs, family=args.family, **where) for size in args.size] if args.pairs else []
     md = to_markdown(results) + "".join(pairs_markdown(p) for p in pairs)
+    memory = {size: peak_memory(args.family, size, cache_threshold=args.cache_threshold) for size in args.size} if args.memory else {}
+    md += "".join(memory_markdown(args.family, size, 2, peaks) for size, peaks in memory.items())
     print(md)
     if args.out:
-        Path(args.out + ".json").write_text(json.dumps({"loops": results, "call_pairs": pairs}, indent=1))
+        Path(args.out + ".json").write_text(json.dumps({"loops": results, "call_pairs": pairs, "peak_mb": memory}, indent=1))
         Path(args.out + ".md").write_text(md)
     return 0
 
