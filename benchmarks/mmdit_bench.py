@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--family", choices=tuple(ARCHITECTURES), default="sd3")
     ap.add_argument("--size", type=int, nargs="+", default=[512])
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="timed loops per configuration (0: single-call pairs only)")
     ap.add_argument("--pairs", type=int, default=5, help="interleaved single-call pairs (0: none)")
     ap.add_argument("--prompts", choices=("short", "long", "both"), default="both")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -445,9 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     where = dict(device=args.device, dtype=getattr(torch, args.dtype))
     prompts = {"short": (SHORT_PROMPT,), "long": (LONG_PROMPT,), "both": (SHORT_PROMPT, LONG_PROMPT)}[args.prompts]
     results = [run(cfg, size, args.steps, args.repeats, prompt, family=args.family, cache_threshold=args.cache_threshold, **where)
-               for size in args.size for prompt in prompts]
+               for size in args.size for prompt in prompts] if args.repeats else []
     pairs = [call_pairs(cfg, size, args.pairs, family=args.family, **where) for size in args.size] if args.pairs else []
-    md = to_markdown(results) + "".join(pairs_markdown(p) for p in pairs)
+    md = (to_markdown(results) if results else "") + "".join(pairs_markdown(p) for p in pairs)
     memory = {size: peak_memory(args.family, size, cache_threshold=args.cache_threshold) for size in args.size} if args.memory else {}
     md += "".join(memory_markdown(args.family, size, 2, peaks) for size, peaks in memory.items())
     print(md)
