@@ -123,17 +123,33 @@ def _call_timer(transformer, calls: list, device: str = "cpu"):
 
     def pre(module, args, kwargs):
         _sync(device)
-        state["t"] = time.perf_counter()
+        state["t"] = _clock()
 
     def text(module, args):
         state["n"] = int(args[0].shape[1])
 
     def post(module, args, kwargs, out):
         _sync(device)
-        calls.append((state["n"], time.perf_counter() - state["t"]))
+        calls.append((state["n"], _clock() - state["t"]))
 
     return [transformer.register_forward_pre_hook(pre, with_kwargs=True), transformer.register_forward_hook(post, with_kwargs=True),
             transformer.context_embedder.register_forward_pre_hook(text)]
+
+
+def _clock() -> float:
+    """Seconds: the process's CPU time on a single-threaded CPU run (what the work costs, whatever
+    else the machine runs: interleaved rows on a shared machine stay comparable), else wall time."""
+    return time.process_time() if CLOCK == "cpu" else time.perf_counter()
+
+
+def use_clock(device: str) -> str:
+    """Pick the clock of this run: "cpu" on a CPU with one torch thread, else "wall"."""
+    global CLOCK
+    CLOCK = "cpu" if device == "cpu" and torch.get_num_threads() == 1 else "wall"
+    return CLOCK
+
+
+CLOCK = "wall"
 
 
 def _sync(device: str) -> None:
@@ -166,12 +182,12 @@ def _generate(pipe, family: str, config: str, prompt: str, steps: int, size: int
     g = torch.Generator(device).manual_seed(seed)
     try:
         _sync(device)
-        t0 = time.perf_counter()
+        t0 = _clock()
         with torch.inference_mode():
             pipe(prompt, num_inference_steps=steps, height=size, width=size, guidance_scale=guidance, generator=g,
                  output_type="latent")
         _sync(device)
-        seconds = time.perf_counter() - t0
+        seconds = _clock() - t0
     finally:
         handle.remove()
         if config.endswith("fbc"):
@@ -192,6 +208,7 @@ def run(transformer_cfg: dict, size: int, steps: int, repeats: int, prompt: str,
     nothing pruned); pruning (with the merge on SD3 during the warm-up); with ``cache_threshold``
     (Flux), diffusers' FirstBlockCache alone and with pruning. Medians; what each mechanism saved
     is the ratio of consecutive rows."""
+    clock = use_clock(device)
     pipe = PIPELINES[family](transformer_cfg, seed).to(device, dtype)
     configs = configs_of(family, cache_threshold)
     if cache_threshold is not None and not hasattr(pipe.transformer, "enable_cache"):
@@ -227,7 +244,7 @@ def run(transformer_cfg: dict, size: int, steps: int, repeats: int, prompt: str,
         "setup": dict(family=family, size=size, steps=steps, repeats=repeats, prompt=prompt, seed=seed, device=device,
                       dtype=str(dtype), layers=transformer_cfg["num_layers"], single_layers=transformer_cfg.get("num_single_layers", 0),
                       widths={k: transformer_cfg[k] for k in ("num_attention_heads", "attention_head_dim", "joint_attention_dim")},
-                      image_tokens=(size // 16) ** 2, batch=1 if family == "flux" else 2, options=options),
+                      image_tokens=(size // 16) ** 2, batch=1 if family == "flux" else 2, options=options, clock=clock),
         "text_tokens": {"stock": lengths["stock"][-1], "per_config": lengths,
                         "kept_per_row": reports["pruned"].steps[-1].kept_counts},
         "loop_seconds": seconds,
@@ -254,6 +271,7 @@ def call_pairs(transformer_cfg: dict, size: int, pairs: int, prompt: str = SHORT
     robust to a machine whose load drifts over minutes (medians of interleaved single calls)."""
     from tokenprune_diffusers import apply_token_pruning, remove_token_pruning
 
+    clock = use_clock(device)
     pipe = PIPELINES[family](transformer_cfg, seed)
     n = _prompt_tokens(pipe, family, prompt)
     g = torch.Generator().manual_seed(seed)
@@ -306,15 +324,15 @@ def call_pairs(transformer_cfg: dict, size: int, pairs: int, prompt: str = SHORT
         for i in range(pairs + 1):  # pair 0 warms up
             for name in list(inputs) if i % 2 == 0 else list(inputs)[::-1]:
                 _sync(device)
-                t0 = time.perf_counter()
+                t0 = _clock()
                 pipe.transformer(hidden_states=latents, timestep=t, pooled_projections=pooled, return_dict=False,
                                  **inputs[name], **extra_inputs)
                 _sync(device)
                 if i:
-                    times[name].append(time.perf_counter() - t0)
+                    times[name].append(_clock() - t0)
     remove_token_pruning(pipe)
     med = {name: statistics.median(ts) for name, ts in times.items()}
-    return {"family": family, "size": size, "layers": transformer_cfg["num_layers"], "device": device, "dtype": str(dtype),
+    return {"family": family, "size": size, "layers": transformer_cfg["num_layers"], "device": device, "dtype": str(dtype), "clock": clock,
             "text": {name: int(x["encoder_hidden_states"].shape[1]) for name, x in inputs.items()},
             "seconds": times, "median_s": med, "speedup": {name: med["full"] / m for name, m in med.items()}, "flops": flops}
 
@@ -375,7 +393,9 @@ def to_markdown(results: list[dict]) -> str:
     lines = [
         f"### Token pruning on an MM-DiT: {widths}, random weights, {where}",
         "",
-        f"{pipeline}, flow-matching Euler, warm-up 0.2; the pruned rows keep exactly the prompt's tokens (random weights: "
+        f"{pipeline}, flow-matching Euler, warm-up 0.2; seconds are "
+        + ("the process's CPU time (one torch thread: what the work costs, whatever else the machine runs)"
+           if results[0]["setup"].get("clock") == "cpu" else "wall time") + "; the pruned rows keep exactly the prompt's tokens (random weights: "
         "scores mean nothing, speed depends only on the kept count). Rows interleaved in one process, medians. "
         + ("`merged`: the exact merge of the 256 zero T5 positions alone (`warmup=1.0`, nothing pruned); `pruned`: "
            "pruning, with the merge during the warm-up. " if family == "sd3" else "")
@@ -414,7 +434,8 @@ def pairs_markdown(pairs: dict) -> str:
         ceiling = pairs["flops"]["full"] / pairs["flops"][name]
         rows.append(f"{name} ({n} positions) {pairs['median_s'][name]:.3f} s: {pairs['speedup'][name]:.2f}x, FLOP ceiling "
                     f"{ceiling:.2f}x, measured / ceiling {pairs['speedup'][name] / ceiling:.0%}")
-    return (f"\nSingle calls, interleaved ({len(pairs['seconds']['full'])} rounds, {pairs['size']} px; FLOPs counted with "
+    clock = "CPU seconds of the process, one thread" if pairs.get("clock") == "cpu" else "wall seconds"
+    return (f"\nSingle calls, interleaved ({len(pairs['seconds']['full'])} rounds, {pairs['size']} px, {clock}; FLOPs counted with "
             f"`torch.utils.flop_counter`): full text ({pairs['text']['full']} positions) {pairs['median_s']['full']:.3f} s; "
             + "; ".join(rows) + ".\n")
 
