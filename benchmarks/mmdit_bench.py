@@ -196,6 +196,17 @@ def _generate(pipe, family: str, config: str, prompt: str, steps: int, size: int
     return seconds, proc.report if proc is not None else None, len(ran)
 
 
+def _scoring_overhead(calls: list, steps: int, warm: int | None) -> float | None:
+    """Median scored warm-up call over the median pruned call, where both ran the same text length
+    (``padding="drop"`` leaves the padding out of the warm-up too): what scoring adds to a call."""
+    if not warm or len(calls) % steps:
+        return None
+    loops = [calls[i:i + steps] for i in range(0, len(calls), steps)]
+    scored = [t for loop in loops for n, t in loop[:warm] if n == loop[-1][0]]
+    plain = [t for loop in loops for _, t in loop[warm:]]
+    return statistics.median(scored) / statistics.median(plain) - 1 if scored and plain else None
+
+
 def configs_of(family: str, cache_threshold: float | None = None) -> tuple[str, ...]:
     configs = ("stock", "merged", "pruned") if family == "sd3" else ("stock", "pruned")
     return configs + (("fbc", "pruned+fbc") if cache_threshold is not None else ())
@@ -252,6 +263,8 @@ def run(transformer_cfg: dict, size: int, steps: int, repeats: int, prompt: str,
         "loop_speedup": loop_s["stock"] / loop_s["pruned"],
         "loop_speedup_merge_only": loop_s["stock"] / loop_s["merged"] if "merged" in loop_s else None,
         "call_seconds": call_s,
+        "calls": calls,  # every timed call: (text positions, seconds), loop after loop, in call order
+        "scoring_overhead": _scoring_overhead(calls["pruned"], steps, warm),
         "call_speedup": per_call,
         "full_calls_per_pruned_generation": warm,
         "computed_calls": computed,  # per timed loop: calls that ran every block (FirstBlockCache serves the others)
@@ -416,6 +429,9 @@ def to_markdown(results: list[dict]) -> str:
             done = f"{statistics.median(done):g} / {s['steps']}" if done else "-"
             lines.append(f"| {s['size']} | {label} | {blocks} | {c} | {text} | {done} | {loop:.2f} | {r['loop_median_s']['stock'] / loop:.2f}x "
                          f"| {r['call_seconds'][c]:.3f} | {r['call_seconds']['stock'] / r['call_seconds'][c]:.2f}x |")
+        if r.get("scoring_overhead") is not None:
+            lines.append(f"| | | | | a scored warm-up call took {100 * r['scoring_overhead']:+.0f}% over a pruned call of the same "
+                         "text length (the warm-up's scoring) | | | | | |")
         lines.append(f"| | | | | kept per row: {'/'.join(map(str, r['text_tokens']['kept_per_row']))}; full calls of a pruned "
                      f"loop: {r['full_calls_per_pruned_generation']}; loop bound from the calls: {r['loop_bound_from_calls']:.2f}x | | | | | |")
         if r.get("cache_threshold") is not None:
