@@ -18,10 +18,14 @@ on trained weights is for the toy MM-DiT.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -119,17 +123,33 @@ def _call_timer(transformer, calls: list, device: str = "cpu"):
 
     def pre(module, args, kwargs):
         _sync(device)
-        state["t"] = time.perf_counter()
+        state["t"] = _clock()
 
     def text(module, args):
         state["n"] = int(args[0].shape[1])
 
     def post(module, args, kwargs, out):
         _sync(device)
-        calls.append((state["n"], time.perf_counter() - state["t"]))
+        calls.append((state["n"], _clock() - state["t"]))
 
     return [transformer.register_forward_pre_hook(pre, with_kwargs=True), transformer.register_forward_hook(post, with_kwargs=True),
             transformer.context_embedder.register_forward_pre_hook(text)]
+
+
+def _clock() -> float:
+    """Seconds: the process's CPU time on a single-threaded CPU run (what the work costs, whatever
+    else the machine runs: interleaved rows on a shared machine stay comparable), else wall time."""
+    return time.process_time() if CLOCK == "cpu" else time.perf_counter()
+
+
+def use_clock(device: str) -> str:
+    """Pick the clock of this run: "cpu" on a CPU with one torch thread, else "wall"."""
+    global CLOCK
+    CLOCK = "cpu" if device == "cpu" and torch.get_num_threads() == 1 else "wall"
+    return CLOCK
+
+
+CLOCK = "wall"
 
 
 def _sync(device: str) -> None:
@@ -137,37 +157,86 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run(transformer_cfg: dict, size: int, steps: int, repeats: int, prompt: str, seed: int = 0, progress=print,
-        family: str = "sd3", device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
-    """Whole denoising loops, interleaved: stock; on SD3 the exact zero merge alone (``warmup=1``:
-    nothing pruned); pruning (with the merge on SD3 during the warm-up). Medians; what each
-    mechanism saved is the ratio of consecutive rows."""
+def _options(pipe, family: str, prompt: str) -> dict[str, dict]:
+    """Token-pruning options of each configuration but stock and the cache alone."""
+    n_words = _prompt_tokens(pipe, family, prompt) - (1 if family == "flux" else 2)
+    pruned = dict(top_k=n_words, padding="drop", warmup=0.2)
+    return {"merged": dict(warmup=1.0), "pruned": pruned, "pruned+fbc": pruned}
+
+
+def _generate(pipe, family: str, config: str, prompt: str, steps: int, size: int, seed: int = 0, device: str = "cpu",
+              cache_threshold: float | None = None) -> tuple[float, object, int]:
+    """One generation of ``config``: (seconds, the pruning report or None, calls that ran every block)."""
     from tokenprune_diffusers import apply_token_pruning, remove_token_pruning
 
-    pipe = PIPELINES[family](transformer_cfg, seed).to(device, dtype)
-    n_words = _prompt_tokens(pipe, family, prompt) - (1 if family == "flux" else 2)
-    options = {"merged": dict(warmup=1.0), "pruned": dict(top_k=n_words, padding="drop", warmup=0.2)}
-    configs = ("stock", "merged", "pruned") if family == "sd3" else ("stock", "pruned")
-    guidance = 3.5 if family == "flux" else 7.0  # Flux: the distilled guidance embedding, one row
-    reports = {}
+    options = _options(pipe, family, prompt)
+    proc = apply_token_pruning(pipe, **options[config]) if config in options else None
+    if config.endswith("fbc"):
+        from diffusers.hooks import FirstBlockCacheConfig
 
-    def generate(config: str):
-        proc = apply_token_pruning(pipe, **options[config]) if config != "stock" else None
-        g = torch.Generator(device).manual_seed(seed)
+        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=cache_threshold))
+    ran = []  # calls that ran the last block (not served from the cache)
+    last_block = (getattr(pipe.transformer, "single_transformer_blocks", None) or pipe.transformer.transformer_blocks)[-1]
+    handle = last_block.register_forward_hook(lambda *a: ran.append(1))
+    guidance = 3.5 if family == "flux" else 7.0  # Flux: the distilled guidance embedding, one row
+    g = torch.Generator(device).manual_seed(seed)
+    try:
         _sync(device)
-        t0 = time.perf_counter()
+        t0 = _clock()
         with torch.inference_mode():
             pipe(prompt, num_inference_steps=steps, height=size, width=size, guidance_scale=guidance, generator=g,
                  output_type="latent")
         _sync(device)
-        seconds = time.perf_counter() - t0
-        if proc is not None:
-            reports[config] = proc.report
+        seconds = _clock() - t0
+    finally:
+        handle.remove()
+        if config.endswith("fbc"):
+            pipe.transformer.disable_cache()
         remove_token_pruning(pipe)
+    return seconds, proc.report if proc is not None else None, len(ran)
+
+
+def _scoring_overhead(calls: list, steps: int, warm: int | None) -> float | None:
+    """Median scored warm-up call over the median pruned call, where both ran the same text length
+    (``padding="drop"`` leaves the padding out of the warm-up too): what scoring adds to a call."""
+    if not warm or len(calls) % steps:
+        return None
+    loops = [calls[i:i + steps] for i in range(0, len(calls), steps)]
+    scored = [t for loop in loops for n, t in loop[:warm] if n == loop[-1][0]]
+    plain = [t for loop in loops for _, t in loop[warm:]]
+    return statistics.median(scored) / statistics.median(plain) - 1 if scored and plain else None
+
+
+def configs_of(family: str, cache_threshold: float | None = None) -> tuple[str, ...]:
+    configs = ("stock", "merged", "pruned") if family == "sd3" else ("stock", "pruned")
+    return configs + (("fbc", "pruned+fbc") if cache_threshold is not None else ())
+
+
+def run(transformer_cfg: dict, size: int, steps: int, repeats: int, prompt: str, seed: int = 0, progress=print,
+        family: str = "sd3", device: str = "cpu", dtype: torch.dtype = torch.float32,
+        cache_threshold: float | None = None) -> dict:
+    """Whole denoising loops, interleaved: stock; on SD3 the exact zero merge alone (``warmup=1``:
+    nothing pruned); pruning (with the merge on SD3 during the warm-up); with ``cache_threshold``
+    (Flux), diffusers' FirstBlockCache alone and with pruning. Medians; what each mechanism saved
+    is the ratio of consecutive rows."""
+    clock = use_clock(device)
+    pipe = PIPELINES[family](transformer_cfg, seed).to(device, dtype)
+    configs = configs_of(family, cache_threshold)
+    if cache_threshold is not None and not hasattr(pipe.transformer, "enable_cache"):
+        raise ValueError(f"{type(pipe.transformer).__name__} has no enable_cache in this diffusers: no FirstBlockCache rows")
+    options = _options(pipe, family, prompt)
+    reports, computed = {}, {c: [] for c in configs}
+
+    def generate(config: str, n_steps: int = steps) -> float:
+        seconds, report, ran = _generate(pipe, family, config, prompt, n_steps, size, seed, device, cache_threshold)
+        computed[config].append(ran)
+        if report is not None:
+            reports[config] = report
         return seconds
 
-    for config in configs:  # warm-up, untimed
-        generate(config)
+    for config in configs:  # warm-up, untimed: 2 steps (one full call, one pruned)
+        generate(config, min(2, steps))
+        computed[config].clear()
     seconds: dict[str, list] = {c: [] for c in configs}
     calls: dict[str, list] = {c: [] for c in configs}
     for r in range(repeats):
@@ -186,7 +255,7 @@ def run(transformer_cfg: dict, size: int, steps: int, repeats: int, prompt: str,
         "setup": dict(family=family, size=size, steps=steps, repeats=repeats, prompt=prompt, seed=seed, device=device,
                       dtype=str(dtype), layers=transformer_cfg["num_layers"], single_layers=transformer_cfg.get("num_single_layers", 0),
                       widths={k: transformer_cfg[k] for k in ("num_attention_heads", "attention_head_dim", "joint_attention_dim")},
-                      image_tokens=(size // 16) ** 2, batch=1 if family == "flux" else 2, options=options),
+                      image_tokens=(size // 16) ** 2, batch=1 if family == "flux" else 2, options=options, clock=clock),
         "text_tokens": {"stock": lengths["stock"][-1], "per_config": lengths,
                         "kept_per_row": reports["pruned"].steps[-1].kept_counts},
         "loop_seconds": seconds,
@@ -194,8 +263,12 @@ def run(transformer_cfg: dict, size: int, steps: int, repeats: int, prompt: str,
         "loop_speedup": loop_s["stock"] / loop_s["pruned"],
         "loop_speedup_merge_only": loop_s["stock"] / loop_s["merged"] if "merged" in loop_s else None,
         "call_seconds": call_s,
+        "calls": calls,  # every timed call: (text positions, seconds), loop after loop, in call order
+        "scoring_overhead": _scoring_overhead(calls["pruned"], steps, warm),
         "call_speedup": per_call,
         "full_calls_per_pruned_generation": warm,
+        "computed_calls": computed,  # per timed loop: calls that ran every block (FirstBlockCache serves the others)
+        "cache_threshold": cache_threshold,
         "loop_bound_from_calls": steps / (warm + (steps - warm) / per_call),
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
                         "machine": platform.machine(), "threads": torch.get_num_threads(),
@@ -211,6 +284,7 @@ def call_pairs(transformer_cfg: dict, size: int, pairs: int, prompt: str = SHORT
     robust to a machine whose load drifts over minutes (medians of interleaved single calls)."""
     from tokenprune_diffusers import apply_token_pruning, remove_token_pruning
 
+    clock = use_clock(device)
     pipe = PIPELINES[family](transformer_cfg, seed)
     n = _prompt_tokens(pipe, family, prompt)
     g = torch.Generator().manual_seed(seed)
@@ -263,17 +337,57 @@ def call_pairs(transformer_cfg: dict, size: int, pairs: int, prompt: str = SHORT
         for i in range(pairs + 1):  # pair 0 warms up
             for name in list(inputs) if i % 2 == 0 else list(inputs)[::-1]:
                 _sync(device)
-                t0 = time.perf_counter()
+                t0 = _clock()
                 pipe.transformer(hidden_states=latents, timestep=t, pooled_projections=pooled, return_dict=False,
                                  **inputs[name], **extra_inputs)
                 _sync(device)
                 if i:
-                    times[name].append(time.perf_counter() - t0)
+                    times[name].append(_clock() - t0)
     remove_token_pruning(pipe)
     med = {name: statistics.median(ts) for name, ts in times.items()}
-    return {"family": family, "size": size, "layers": transformer_cfg["num_layers"], "device": device, "dtype": str(dtype),
+    return {"family": family, "size": size, "layers": transformer_cfg["num_layers"], "device": device, "dtype": str(dtype), "clock": clock,
             "text": {name: int(x["encoder_hidden_states"].shape[1]) for name, x in inputs.items()},
             "seconds": times, "median_s": med, "speedup": {name: med["full"] / m for name, m in med.items()}, "flops": flops}
+
+
+def peak_memory(family: str, size: int, steps: int = 2, prompt: str = SHORT_PROMPT, seed: int = 0,
+                architecture: str | None = None, cache_threshold: float | None = None) -> dict[str, float]:
+    """Peak resident memory (MB) of one generation per configuration, each in a child process of its
+    own, the kernel's peak-RSS counter reset after the pipeline is built (CPU, float32). With 2 steps
+    and warm-up 0.2 a pruned generation runs one full (scored) call and one pruned call."""
+    peaks = {}
+    for config in configs_of(family, cache_threshold):
+        cmd = [sys.executable, str(Path(__file__)), "--child-memory", config, "--family", family, "--size", str(size),
+               "--steps", str(steps), "--architecture", architecture or family]
+        if cache_threshold is not None:
+            cmd += ["--cache-threshold", str(cache_threshold)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": _pythonpath()})
+        peaks[config] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+    return peaks
+
+
+def _pythonpath() -> str:
+    here = str(Path(__file__).resolve().parent)
+    return os.pathsep.join([here, str(Path(here).parent), os.environ.get("PYTHONPATH", "")])
+
+
+def _child_memory(config: str, family: str, architecture: str, size: int, steps: int, cache_threshold: float | None) -> None:
+    from peak_rss import peak_rss_mb, reset_peak_rss
+
+    pipe = PIPELINES[family]({**ARCHITECTURES, "tiny-sd3": TINY, "tiny-flux": TINY_FLUX}[architecture])
+    gc.collect()
+    reset = reset_peak_rss()  # building the pipeline peaks higher than denoising: measure from here
+    _generate(pipe, family, config, SHORT_PROMPT, steps, size, cache_threshold=cache_threshold)
+    print(json.dumps({"peak_mb": peak_rss_mb(reset), "denoising_only": reset}))
+
+
+def memory_markdown(family: str, size: int, steps: int, peaks: dict[str, float]) -> str:
+    stock = peaks["stock"]
+    rows = "\n".join(f"| {c} | {mb:.0f} | {mb - stock:+.0f} MB |" for c, mb in peaks.items())
+    return (f"\nPeak memory ({family}, {size} px, {steps} steps, CPU float32; one child process per configuration, the "
+            "peak-RSS counter reset after the pipeline is built: weights resident, text encoding included):\n\n"
+            f"| configuration | peak RSS MB | vs stock |\n| --- | ---: | ---: |\n{rows}\n\n"
+            f"Highest against stock: {max(peaks, key=peaks.get)} ({max(peaks.values()) - stock:+.0f} MB).\n")
 
 
 FAMILY_TEXT = {
@@ -292,15 +406,17 @@ def to_markdown(results: list[dict]) -> str:
     lines = [
         f"### Token pruning on an MM-DiT: {widths}, random weights, {where}",
         "",
-        f"{pipeline}, flow-matching Euler, warm-up 0.2; the pruned rows keep exactly the prompt's tokens (random weights: "
+        f"{pipeline}, flow-matching Euler, warm-up 0.2; seconds are "
+        + ("the process's CPU time (one torch thread: what the work costs, whatever else the machine runs)"
+           if results[0]["setup"].get("clock") == "cpu" else "wall time") + "; the pruned rows keep exactly the prompt's tokens (random weights: "
         "scores mean nothing, speed depends only on the kept count). Rows interleaved in one process, medians. "
         + ("`merged`: the exact merge of the 256 zero T5 positions alone (`warmup=1.0`, nothing pruned); `pruned`: "
            "pruning, with the merge during the warm-up. " if family == "sd3" else "")
         + "Transformer depth reduced (stated): the text stream's share of a call is the same "
         f"in every block, so the per-call ratio holds for the full depth ({depth}) up to the embeddings and final layer.",
         "",
-        "| size | prompt | blocks | config | text positions per call | loop s | loop speedup | call s | call speedup |",
-        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: |",
+        "| size | prompt | blocks | config | text positions per call | calls computed | loop s | loop speedup | call s | call speedup |",
+        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         s = r["setup"]
@@ -309,10 +425,18 @@ def to_markdown(results: list[dict]) -> str:
         for c, loop in r["loop_median_s"].items():
             n = r["text_tokens"]["per_config"][c]
             text = " -> ".join(map(str, n[::-1])) if len(n) > 1 else str(n[0])
-            lines.append(f"| {s['size']} | {label} | {blocks} | {c} | {text} | {loop:.2f} | {r['loop_median_s']['stock'] / loop:.2f}x "
+            done = r.get("computed_calls", {}).get(c)
+            done = f"{statistics.median(done):g} / {s['steps']}" if done else "-"
+            lines.append(f"| {s['size']} | {label} | {blocks} | {c} | {text} | {done} | {loop:.2f} | {r['loop_median_s']['stock'] / loop:.2f}x "
                          f"| {r['call_seconds'][c]:.3f} | {r['call_seconds']['stock'] / r['call_seconds'][c]:.2f}x |")
+        if r.get("scoring_overhead") is not None:
+            lines.append(f"| | | | | a scored warm-up call took {100 * r['scoring_overhead']:+.0f}% over a pruned call of the same "
+                         "text length (the warm-up's scoring) | | | | | |")
         lines.append(f"| | | | | kept per row: {'/'.join(map(str, r['text_tokens']['kept_per_row']))}; full calls of a pruned "
-                     f"loop: {r['full_calls_per_pruned_generation']}; loop bound from the calls: {r['loop_bound_from_calls']:.2f}x | | | | |")
+                     f"loop: {r['full_calls_per_pruned_generation']}; loop bound from the calls: {r['loop_bound_from_calls']:.2f}x | | | | | |")
+        if r.get("cache_threshold") is not None:
+            lines.append(f"| | | | | `fbc`: diffusers' FirstBlockCache (threshold {r['cache_threshold']}); `calls computed`: calls "
+                         "that ran the last block; `call s` of the fbc rows mixes computed and cached calls | | | | | |")
     lines += ["", f"Environment: {json.dumps(results[0]['environment'])}."]
     return "\n".join(lines) + "\n"
 
@@ -326,7 +450,8 @@ def pairs_markdown(pairs: dict) -> str:
         ceiling = pairs["flops"]["full"] / pairs["flops"][name]
         rows.append(f"{name} ({n} positions) {pairs['median_s'][name]:.3f} s: {pairs['speedup'][name]:.2f}x, FLOP ceiling "
                     f"{ceiling:.2f}x, measured / ceiling {pairs['speedup'][name] / ceiling:.0%}")
-    return (f"\nSingle calls, interleaved ({len(pairs['seconds']['full'])} rounds, {pairs['size']} px; FLOPs counted with "
+    clock = "CPU seconds of the process, one thread" if pairs.get("clock") == "cpu" else "wall seconds"
+    return (f"\nSingle calls, interleaved ({len(pairs['seconds']['full'])} rounds, {pairs['size']} px, {clock}; FLOPs counted with "
             f"`torch.utils.flop_counter`): full text ({pairs['text']['full']} positions) {pairs['median_s']['full']:.3f} s; "
             + "; ".join(rows) + ".\n")
 
@@ -339,22 +464,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--family", choices=tuple(ARCHITECTURES), default="sd3")
     ap.add_argument("--size", type=int, nargs="+", default=[512])
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="timed loops per configuration (0: single-call pairs only)")
     ap.add_argument("--pairs", type=int, default=5, help="interleaved single-call pairs (0: none)")
     ap.add_argument("--prompts", choices=("short", "long", "both"), default="both")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    ap.add_argument("--cache-threshold", type=float, default=None, help="Flux: add FirstBlockCache rows at this threshold")
+    ap.add_argument("--memory", action="store_true", help="also the peak memory of each configuration (child processes, CPU)")
+    ap.add_argument("--child-memory", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--architecture", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help="write results .json and .md with this path prefix")
     args = ap.parse_args(argv)
+    if args.child_memory:
+        _child_memory(args.child_memory, args.family, args.architecture or args.family, args.size[0], args.steps, args.cache_threshold)
+        return 0
     cfg = ARCHITECTURES[args.family]
     where = dict(device=args.device, dtype=getattr(torch, args.dtype))
     prompts = {"short": (SHORT_PROMPT,), "long": (LONG_PROMPT,), "both": (SHORT_PROMPT, LONG_PROMPT)}[args.prompts]
-    results = [run(cfg, size, args.steps, args.repeats, prompt, family=args.family, **where) for size in args.size for prompt in prompts]
+    results = [run(cfg, size, args.steps, args.repeats, prompt, family=args.family, cache_threshold=args.cache_threshold, **where)
+               for size in args.size for prompt in prompts] if args.repeats else []
     pairs = [call_pairs(cfg, size, args.pairs, family=args.family, **where) for size in args.size] if args.pairs else []
-    md = to_markdown(results) + "".join(pairs_markdown(p) for p in pairs)
+    md = (to_markdown(results) if results else "") + "".join(pairs_markdown(p) for p in pairs)
+    memory = {size: peak_memory(args.family, size, cache_threshold=args.cache_threshold) for size in args.size} if args.memory else {}
+    md += "".join(memory_markdown(args.family, size, 2, peaks) for size, peaks in memory.items())
     print(md)
     if args.out:
-        Path(args.out + ".json").write_text(json.dumps({"loops": results, "call_pairs": pairs}, indent=1))
+        Path(args.out + ".json").write_text(json.dumps({"loops": results, "call_pairs": pairs, "peak_mb": memory}, indent=1))
         Path(args.out + ".md").write_text(md)
     return 0
 

@@ -33,7 +33,9 @@ def test_mmdit_pruning_speed(family, budget, results_dir):
     results = [mb.run(cfg, size, b["steps"], b["repeats"], mb.SHORT_PROMPT, family=family,
                       progress=(lambda s: None) if budget == "smoke" else print)]
     pairs = mb.call_pairs(cfg, size, b["pairs"], family=family)
-    md = mb.to_markdown(results) + mb.pairs_markdown(pairs)
+    architecture = family if budget == "full" else f"tiny-{family}"
+    peaks = mb.peak_memory(family, size, architecture=architecture)
+    md = mb.to_markdown(results) + mb.pairs_markdown(pairs) + mb.memory_markdown(family, size, 2, peaks)
     short = results[0]
     if budget == "full":
         loop_target, call_target = TARGETS[family]
@@ -42,9 +44,10 @@ def test_mmdit_pruning_speed(family, budget, results_dir):
                f"{short['call_speedup']:.2f}x in the loops, {pairs['speedup']['kept']:.2f}x as single calls.\n")
     print(md)
     (results_dir / f"tokenprune_mmdit_{family}.md").write_text(md)
-    (results_dir / f"tokenprune_mmdit_{family}.json").write_text(json.dumps({"loops": results, "call_pairs": pairs}, indent=1))
+    (results_dir / f"tokenprune_mmdit_{family}.json").write_text(json.dumps({"loops": results, "call_pairs": pairs, "peak_mb": peaks}, indent=1))
     assert short["text_tokens"]["stock"] == FULL_TEXT[family] and max(short["text_tokens"]["kept_per_row"]) < FULL_TEXT[family]
     assert short["full_calls_per_pruned_generation"] == (4 if b["steps"] == 20 else 1)
     assert pairs["flops"]["full"] > pairs["flops"]["kept"] > 0
+    assert set(peaks) == set(short["loop_median_s"]) and min(peaks.values()) > 0
     if family == "sd3":  # the merge: 77 CLIP + 1 on every call of the merged and the warm-up calls of the pruned loop
         assert short["text_tokens"]["per_config"]["merged"] == [78] and pairs["text"]["merged"] == 78

@@ -66,6 +66,23 @@ def test_the_zero_t5_positions_run_as_one_from_the_first_call_exactly(pipe):
     assert not torch.allclose(one, reference, atol=1e-3)  # one zero position without log(256): not the same
 
 
+def test_the_sd3_default_keeps_every_token_and_merges_the_zeros(pipe):
+    """Without a rule SD3 keeps every token (threshold 0: what the trained toy measured best): the
+    warm-up still scores (report, heat maps), every call runs 77 + 1 positions, the output is
+    stock's; a rule given by name prunes as everywhere."""
+    stock = generate(pipe)
+    proc = apply_token_pruning(pipe)
+    lengths, h = text_lengths(pipe)
+    image = generate(pipe)
+    h.remove()
+    assert proc.config.threshold == 0.0 and proc.config.warmup == 0.2 and lengths == [78] * 5
+    assert proc.report.steps[0].scored and proc.report.keep.all()
+    np.testing.assert_allclose(image, stock, atol=5e-6, rtol=0)
+    assert apply_token_pruning(pipe, warmup=0.4).config.threshold == 0.0
+    assert apply_token_pruning(pipe, threshold=0.1).config.threshold == 0.1
+    assert apply_token_pruning(pipe, top_k=2).config.threshold is None
+
+
 def test_scores_with_the_zero_merge_equal_the_scores_without_it(pipe):
     options = dict(top_k=2, warmup=0.4)
     plain = apply_token_pruning(pipe, merge_zeros=False, **options)
@@ -168,7 +185,7 @@ def test_report_and_heat_maps_work(pipe, tmp_path):
 
     proc = apply_token_pruning(pipe, top_k=2, padding="drop")
     image = generate(pipe)[0]
-    assert "PRUNED" in proc.report.summary() and "not counted" in proc.report.summary()
+    assert "PRUNED" in proc.report.summary() and "transformer FLOPs saved against stock" in proc.report.summary()
     assert proc.report.token_maps(-1).shape == (333, 8, 8)  # 16 x 16 latents in 2 x 2 patches
     assert render_heatmaps(proc.report, tmp_path / "maps.png", image=image).is_file()
 

@@ -8,7 +8,7 @@
     python -m tokenprune_diffusers --tiny --steps 4       # seconds: a tiny random pipeline (smoke test)
 
 Prints which tokens were kept or pruned at each UNet call, what pruning (and, apart, K/V reuse)
-removed from the cross-attention FLOPs, the median timings of interleaved runs, and writes
+removed from the cross-attention (UNet) or transformer (MM-DiT) FLOPs, the median timings of interleaved runs, and writes
 the two images, the per-token heat maps and the report (JSON) to ``--out``.
 """
 
@@ -170,8 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {label}")
     print(timing_lines(stock_s, pruned_s))
     shares = report.savings()
-    print(f"cross-attention FLOPs against stock: pruning removed {100 * shares['pruning']:.1f}%, "
-          f"K/V reuse (exact, not pruning) removed {100 * shares['kv_reuse']:.1f}%, scoring added {-100 * shares['scoring']:.1f}%")
+    exact = ("the zero merge (exact)", "merge") if report.flops_scope == "transformer" else ("K/V reuse (exact, not pruning)", "kv_reuse")
+    print(f"{report.flops_scope} FLOPs against stock: pruning removed {100 * shares['pruning']:.1f}%, "
+          f"{exact[0]} removed {100 * shares[exact[1]]:.1f}%, scoring added {-100 * shares['scoring']:.1f}%")
     diff = np.abs(stock_img.astype(np.float64) - pruned_img.astype(np.float64))
     mse = float((diff**2).mean())
     psnr = float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)

@@ -1,4 +1,5 @@
-"""Per-token cross-attention heat maps over the image, as a PNG grid."""
+"""Per-token attention heat maps over the image (cross-attention on a UNet, image-to-text joint
+attention on an MM-DiT), as a PNG grid."""
 
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def render_heatmaps(
         kept = report.keep is None or bool(report.keep[row, p])
         ax.set_title(f"{token}\n{score:.2f} {'kept' if kept else 'PRUNED'}", fontsize=9, color="black" if kept else "red")
     title = report.prompts[row] if report.prompts else f"row {row}"
-    fig.suptitle(f"cross-attention per token: {title!r}", fontsize=10)
+    fig.suptitle(f"{report.attention} per token: {title!r}", fontsize=10)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

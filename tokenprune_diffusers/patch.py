@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .clock import attach_clock, detach_clock, get_clock
-from .config import TokenPruneConfig
-from .mmdit import MMDiTTokenPruning, apply_mmdit, get_mmdit, remove_mmdit
+from .mmdit import MMDiTTokenPruning, apply_mmdit, get_mmdit, mmdit_config, remove_mmdit
 from .processor import TokenPruneProcessor
 
 __all__ = ["apply_token_pruning", "remove_token_pruning", "get_token_pruning"]
@@ -43,7 +42,9 @@ def apply_token_pruning(model: Any, processor: TokenPruneProcessor | None = None
     """Install token pruning on every attention layer of a pipeline's UNet (or of a UNet), or on
     the joint attention and text stream of an MM-DiT pipeline's transformer
     (:data:`~tokenprune_diffusers.mmdit.SUPPORTED_MMDIT_PIPELINES`: ``StableDiffusion3Pipeline``,
-    built with ``text_encoder_3=None``; other transformer pipelines are refused with the reason).
+    built with ``text_encoder_3=None``, and ``FluxPipeline``; other transformer pipelines are
+    refused with the reason). Without a rule, SD3 keeps every token (its exact zero merge is the
+    saving that costs nothing; see :attr:`~tokenprune_diffusers.mmdit.MMDiTFamily.threshold`).
 
     The processor follows the UNet's clock (one diffusers hook on the UNet, one on the pipeline's
     text encoder, see :mod:`tokenprune_diffusers.clock`). The processors already installed are kept and wrapped: stock ones are reproduced exactly,
@@ -63,8 +64,7 @@ def apply_token_pruning(model: Any, processor: TokenPruneProcessor | None = None
     if processor is not None and options:
         raise TypeError(f"give a processor or its options, not both (got options {sorted(options)})")
     if _mmdit(model):
-        config = processor.config if processor is not None else TokenPruneConfig.from_options(**options)
-        return apply_mmdit(model, config)
+        return apply_mmdit(model, processor.config if processor is not None else mmdit_config(model, options))
     proc = processor if processor is not None else TokenPruneProcessor(**options)
     unet = _unet(model)
     if proc.clock.hooked and proc.clock is not get_clock(unet):

@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from .schedule import Schedule
 from .scoring import PADDING, SPECIAL
 
-__all__ = ["StepRecord", "PruneReport", "SAVINGS", "cross_attention_flops", "add_cross_attention_flops"]
+__all__ = ["StepRecord", "PruneReport", "SAVINGS", "cross_attention_flops", "add_cross_attention_flops", "JointDims",
+           "joint_transformer_flops", "add_text_stream_flops"]
 
-_LABELS = {"pruning": "pruning", "kv_reuse": "K/V reuse", "gating": "gating", "collapse": "guidance collapse",
+_LABELS = {"merge": "zero merge", "pruning": "pruning", "kv_reuse": "K/V reuse", "gating": "gating", "collapse": "guidance collapse",
            "deep_cache": "DeepCache", "scoring": "scoring"}
 
 
@@ -28,14 +29,48 @@ def cross_attention_flops(batch: int, queries: int, tokens: int, query_dim: int,
     }
 
 
-SAVINGS = ("pruning", "kv_reuse", "gating", "collapse", "deep_cache")  # causes of FLOPs removed, in this order
+SAVINGS = ("merge", "pruning", "kv_reuse", "gating", "collapse", "deep_cache")  # causes of FLOPs removed, in this order
+
+
+@dataclass(frozen=True)
+class JointDims:
+    """What the FLOPs of an MM-DiT transformer call depend on (read from its config by the wiring)."""
+
+    width: int  # D: heads x head dim, the width of both streams
+    text_in: int  # the text encoder's width, the context embedder's input
+    double: int  # joint (double-stream) blocks: each stream its own projections and MLP
+    single: int = 0  # single-stream blocks (Flux): one projection set and MLP over image + text
+    pre_only_last: bool = False  # the last joint block projects the text to K/V only (SD3)
+    dual: int = 0  # joint blocks with a second, image-only attention (SD3.5)
+    image_in: int = 0  # features of one image token entering the patch embedding (p * p * C)
+    image_out: int = 0  # features of one image token leaving the output projection
+    cond_in: int = 0  # inputs of the conditioning MLPs per row (timestep, pooled text, guidance)
+    cond_mlps: int = 2  # conditioning MLPs (each: its input -> D -> D)
+    mlp_ratio: int = 4
+
+
+def joint_transformer_flops(dims: JointDims, batch: int, image: int, text: int) -> float:
+    """Multiply-add FLOPs (2 per MAC) of one MM-DiT transformer call: ``batch`` rows of ``image``
+    image and ``text`` text tokens. Linear layers and attention matmuls (QK^T and the weighting);
+    norms, activations and the rotary embedding are left out."""
+    D, m, S = dims.width, dims.mlp_ratio, image + text
+    per_token = (3 + 1 + 2 * m) * D * D  # q, k, v, out projections and the MLP, MACs per token and stream
+    attention = 2 * S * S * D  # QK^T and the weighting over the joint sequence
+    text_pre = 3 * D * D  # the last SD3 block: the text stream's K/V/Q projections only
+    double = dims.double * (image * per_token + attention) + (dims.double - dims.pre_only_last) * text * per_token
+    double += dims.pre_only_last * text * text_pre + dims.dual * (image * 4 * D * D + 2 * image * image * D)
+    single = dims.single * (S * per_token + attention)
+    modulation = (dims.double * 12 + dims.single * 3 + 2) * D * D  # adaLN linears, per row
+    embed = text * dims.text_in * D + image * (dims.image_in + dims.image_out) * D + dims.cond_in * D + dims.cond_mlps * D * D
+    return 2.0 * batch * (double + single + modulation + embed)
 
 
 @dataclass
 class StepRecord:
     """One denoiser call of a generation.
 
-    FLOPs are those of the cross-attention layers, measured against stock: ``flops_stock`` is what
+    FLOPs are those of the cross-attention layers (UNet), or of the whole transformer call (MM-DiT:
+    :func:`joint_transformer_flops`), measured against stock: ``flops_stock`` is what
     the stock processors compute on this call (every layer, every row of the generation's batch,
     every token); ``saved[cause]`` what each mechanism removed from it, attributed in the order of
     :data:`SAVINGS` (on a gated call everything goes to gating, none to pruning); ``flops_scoring``
@@ -48,6 +83,7 @@ class StepRecord:
     gated: bool = False  # was cross-attention skipped (outputs of an earlier call reused)
     collapsed: bool = False  # did the call run the positive rows only (guidance collapse)
     kept_counts: list[int] | None = None  # kept tokens per batch row (None: all kept)
+    text_positions: int | None = None  # MM-DiT: text positions the transformer ran on this call
     flops_stock: float = 0.0
     flops_done: float = 0.0
     flops_scoring: float = 0.0
@@ -84,6 +120,24 @@ def add_cross_attention_flops(
     step.layers += 0 if skipped else 1
 
 
+def add_text_stream_flops(step: StepRecord, dims: JointDims, batch: int, image: int, full_len: int, merged_len: int,
+                          run_len: int, *, scored_blocks: int = 0) -> None:
+    """Record one MM-DiT transformer call in ``step``, against stock (``full_len`` text positions):
+    the exact zero merge alone would run ``merged_len`` positions, the call ran ``run_len`` (rows
+    padded to the longest); ``scored_blocks`` blocks computed the warm-up's scores (the image queries
+    against every key once more)."""
+    stock = joint_transformer_flops(dims, batch, image, full_len)
+    merged = joint_transformer_flops(dims, batch, image, merged_len)
+    done = joint_transformer_flops(dims, batch, image, run_len)
+    scoring = 2.0 * batch * image * (image + run_len) * dims.width * scored_blocks
+    step.text_positions = run_len
+    step.flops_stock += stock
+    step.saved["merge"] += stock - merged
+    step.saved["pruning"] += merged - done
+    step.flops_scoring += scoring
+    step.flops_done += done + scoring
+
+
 @dataclass
 class PruneReport:
     """The record of one generation, filled by the processor as the generation runs.
@@ -102,8 +156,14 @@ class PruneReport:
     scores: torch.Tensor | None = None  # (B, L) normalised scores at the pruning decision
     keep: torch.Tensor | None = None  # (B, L) bool: tokens kept after the warm-up
     steps: list[StepRecord] = field(default_factory=list)
+    flops_scope: str = "cross-attention"  # what the FLOPs count: "cross-attention" (UNet) or "transformer" (MM-DiT)
     maps: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # (h, w) -> (B, L, h, w) sums
     map_counts: dict[tuple[int, int], int] = field(default_factory=dict)
+
+    @property
+    def attention(self) -> str:
+        """The attention the scores come from: "cross-attention" (UNet) or "joint attention" (MM-DiT)."""
+        return "joint attention" if self.flops_scope == "transformer" else "cross-attention"
 
     @property
     def prune_start(self) -> int | None:
@@ -113,12 +173,12 @@ class PruneReport:
     # ----- what people ask -----
     @property
     def flops_saved(self) -> float:
-        """Share of stock cross-attention FLOPs saved over the generation, all causes, scoring counted."""
+        """Share of stock FLOPs (:attr:`flops_scope`) saved over the generation, all causes, scoring counted."""
         stock = sum(s.flops_stock for s in self.steps)
         return 0.0 if stock == 0 else 1.0 - sum(s.flops_done for s in self.steps) / stock
 
     def savings(self) -> dict[str, float]:
-        """Share of stock cross-attention FLOPs removed by each cause (:data:`SAVINGS`), and
+        """Share of stock FLOPs (:attr:`flops_scope`) removed by each cause (:data:`SAVINGS`), and
         ``"scoring"``: the share added by scoring, negative. They sum to :attr:`flops_saved`."""
         stock = sum(s.flops_stock for s in self.steps)
         out = {cause: sum(s.saved[cause] for s in self.steps) / stock if stock else 0.0 for cause in SAVINGS}
@@ -223,17 +283,19 @@ class PruneReport:
                         lines.append(f"    padding: {kept_pad}/{int(pad.sum())} positions kept")
             if rows > max_rows:
                 lines.append(f"    ... {rows - max_rows} more rows")
-        lines.append("call  scored  pruned   gated  collapsed  kept tokens per row")
+        text = any(s.text_positions is not None for s in self.steps)
+        lines.append("call  scored  pruned   gated  collapsed  kept tokens per row" + ("  text positions run" if text else ""))
         for s in self.steps:
             kept = "-" if s.gated else "all" if s.kept_counts is None else ",".join(map(str, s.kept_counts))
             flags = "  ".join(f"{'yes' if f else 'no':>6s}" for f in (s.scored, s.pruned, s.gated))
             flags += f"  {'yes' if s.collapsed else 'no':>9s}"
-            lines.append(f"{s.call:4d}  {flags}  {kept}")
+            run = f"  {s.text_positions}" if s.text_positions is not None else ""
+            lines.append(f"{s.call:4d}  {flags}  {kept:<19s}{run}" if text else f"{s.call:4d}  {flags}  {kept}")
         if any(s.flops_stock for s in self.steps):
             parts = ", ".join(f"{_LABELS[k]} {100 * v:+.1f}%" for k, v in self.savings().items() if v or k in ("pruning", "scoring"))
-            lines.append(f"cross-attention FLOPs saved against stock: {100 * self.flops_saved:.1f}% ({parts})")
+            lines.append(f"{self.flops_scope} FLOPs saved against stock: {100 * self.flops_saved:.1f}% ({parts})")
         else:
-            lines.append("FLOPs: not counted for this denoiser (MM-DiT: the text stream is shortened; see the benchmark)")
+            lines.append("FLOPs: not counted (no denoiser call was recorded)")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -243,6 +305,7 @@ class PruneReport:
             "prune_start": self.prune_start,
             "schedule": self.schedule.to_dict() if self.schedule is not None else None,
             "prompts": self.prompts,
+            "flops_scope": self.flops_scope,
             "flops_saved": self.flops_saved,
             "flops_saved_by": self.savings(),
             "rows": [
