@@ -76,9 +76,9 @@ SD3_SETTINGS: tuple[tuple[str, dict | None], ...] = (
 # the Flux toy: its text is T5 only, FLUX_MAX_SEQUENCE_LENGTH positions, mostly padding (T5 ran unmasked)
 FLUX_SETTINGS: tuple[tuple[str, dict | None], ...] = (
     ("stock", None),
-    ("defaults", {}),
-    ("padding drop, warmup 0.2", dict(padding="drop")),
-    ("padding drop, warmup 0", dict(padding="drop", warmup=0.0)),
+    ("defaults", dict(threshold=0.1)),  # the library's defaults, measured before Flux's own (threshold 0)
+    ("padding drop, warmup 0.2", dict(threshold=0.1, padding="drop")),
+    ("padding drop, warmup 0", dict(threshold=0.1, padding="drop", warmup=0.0)),
     ("threshold 0.1, padding keep", dict(threshold=0.1, padding="keep")),
     ("top_k 8", dict(top_k=8)),
 )
@@ -182,12 +182,14 @@ def _reset(pipe) -> None:
 
 
 def _sequence_removed(report) -> tuple[float, float]:
-    """Share of the text sequence the denoiser no longer runs, from the report's kept counts: on
-    the pruned calls (the batch runs its longest row's kept count), and averaged over every call."""
+    """Share of the text sequence the denoiser no longer runs, on the pruned calls and averaged over
+    every call: from the text positions each MM-DiT call ran (the zero merge and an early padding
+    drop included), else from the kept counts (the batch runs its longest row's)."""
     if report.keep is None or not report.steps:
         return 0.0, 0.0
     length = report.keep.shape[1]
-    runs = [max(s.kept_counts) if s.pruned and s.kept_counts else length for s in report.steps]
+    runs = [s.text_positions if s.text_positions is not None  # what the transformer ran (merge, early drop)
+            else max(s.kept_counts) if s.pruned and s.kept_counts else length for s in report.steps]
     pruned = [r for r, s in zip(runs, report.steps) if s.pruned]
     on_pruned = 1.0 - float(np.mean(pruned)) / length if pruned else 0.0
     return on_pruned, 1.0 - float(np.mean(runs)) / length
