@@ -21,8 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import tokenprune_bench as tb
 import torch
+import unet_harness as uh
 
 PEER = "DeepCache"  # the peer package's import name (PyPI: DeepCache)
 
@@ -31,34 +31,42 @@ PEER = "DeepCache"  # the peer package's import name (PyPI: DeepCache)
 class Row:
     name: str
     group: str  # "stock", "ours", "DeepCache pkg", "T-GATE pkg"
-    config: tb.Config | None = None  # ours / stock / T-GATE: run through tokenprune_bench.denoise
+    config: uh.Config | None = None  # ours / stock / T-GATE: run through unet_harness.denoise
     peer: tuple[int, int] | None = None  # the peer's (cache_interval, cache_branch_id)
 
 
-GATE = dict(threshold=0.1, warmup=0.1, gate=0.2)  # the gating row of the speed table, as there
+@dataclass(frozen=True)
+class Ours:
+    """One of our rows: DeepCache at ``interval`` / ``branch`` (None: our default) / ``schedule`` /
+    ``start``, alone or after gating at ``gate`` (pruning t=0.1, warm-up gate / 2) + guidance collapse."""
+
+    interval: int
+    branch: int | None = None
+    schedule: str = "uniform"
+    gate: float | None = None
+    start: float = 0.0
+
+    def row(self) -> Row:
+        dc = dict(interval=self.interval, schedule=self.schedule, start=self.start)
+        if self.branch is not None:
+            dc["branch"] = self.branch
+        name = f"DeepCache N={self.interval}" + ("" if self.branch is None else f" branch {self.branch}")
+        name += " non-uniform" if self.schedule == "nonuniform" else ""
+        name += f" from {self.start:g}" if self.start else ""
+        if self.gate is None:
+            return Row(f"ours {name}", "ours", uh.Config(name, None, deep_cache=dc))
+        gate = dict(threshold=0.1, warmup=self.gate / 2, gate=self.gate)
+        return Row(f"ours gate {self.gate:g} + collapse + {name}", "ours",
+                   uh.Config(f"gate {self.gate:g} + {name}", gate, collapse=True, deep_cache=dc))
 
 
-def rows_for(intervals: tuple[int, ...], branches: tuple[int, ...], peer: bool, tgate: bool,
-             nonuniform: tuple[int, ...] = (), combos: tuple[int, ...] = ()) -> list[Row]:
-    """Every row of one run: ours at each interval and skip branch (and the peer's, when ``peer``),
-    ours non-uniform at the intervals ``nonuniform`` and after gating + collapse at ``combos``
-    (both at our default branch)."""
-    rows = [Row("stock", "stock", tb.Config("stock", None))]
-    for n in intervals:
-        for b in branches:
-            rows.append(Row(f"ours DeepCache N={n} branch {b}", "ours",
-                            tb.Config(f"dc{n}b{b}", None, deep_cache=dict(interval=n, branch=b))))
-    for n in nonuniform:
-        rows.append(Row(f"ours DeepCache N={n} non-uniform", "ours",
-                        tb.Config(f"dc{n}nu", None, deep_cache=dict(interval=n, schedule="nonuniform"))))
-    for n in combos:
-        rows.append(Row(f"ours gate 0.2 + collapse + DeepCache N={n}", "ours",
-                        tb.Config(f"g+dc{n}", GATE, collapse=True, deep_cache=dict(interval=n))))
-    if peer:
-        rows += [Row(f"DeepCache pkg N={n} branch {b}", "DeepCache pkg", peer=(n, b))
-                 for n in intervals for b in branches]
+def rows_for(ours: list[Ours], peer: list[tuple[int, int]], tgate: bool) -> list[Row]:
+    """Every row of one run: stock, ours, the peer package at each (cache_interval, cache_branch_id)
+    of ``peer`` (empty: none) and T-GATE when ``tgate``."""
+    rows = [Row("stock", "stock", uh.Config("stock", None))] + [o.row() for o in ours]
+    rows += [Row(f"DeepCache pkg N={n} branch {b}", "DeepCache pkg", peer=(n, b)) for n, b in peer]
     if tgate:
-        rows.append(Row(tb.TGATE.name, "T-GATE pkg", tb.TGATE))
+        rows.append(Row(uh.TGATE.name, "T-GATE pkg", uh.TGATE))
     return rows
 
 
@@ -66,18 +74,18 @@ def denoise_peer(pipe, interval: int, branch: int, prompt: str, steps: int, size
     """One generation under the peer's helper (stock processors): (seconds, latents)."""
     from DeepCache import DeepCacheSDHelper
 
-    tb.install(pipe, tb.Config("stock", None), originals)
+    uh.install(pipe, uh.Config("stock", None), originals)
     helper = DeepCacheSDHelper(pipe=pipe)
     helper.set_params(cache_interval=interval, cache_branch_id=branch)
     helper.enable()
     g = torch.Generator("cpu").manual_seed(seed)
     try:
-        tb._sync(pipe.unet.device)
+        uh.sync(pipe.unet.device)
         t0 = time.perf_counter()
         with torch.inference_mode():
             latents = pipe(prompt, num_inference_steps=steps, height=size, width=size, generator=g,
                            output_type="latent").images
-        tb._sync(pipe.unet.device)
+        uh.sync(pipe.unet.device)
         seconds = time.perf_counter() - t0
     finally:
         helper.disable()
@@ -91,21 +99,24 @@ def latent_psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def run(model: str, size: int, steps: int, repeats: int, rows: list[Row], seed: int = 0, device: str = "cpu",
-        dtype: torch.dtype = torch.float32, progress=None) -> dict:
-    """Time every row (interleaved, ``repeats`` times) and measure its fidelity once (repeat 0)."""
+        dtype: torch.dtype = torch.float32, progress=None, on_repeat=None) -> dict:
+    """Time every row (interleaved, ``repeats`` times) and measure its fidelity once (repeat 0).
+    ``on_repeat(result)``, when given, receives the result of the repeats done so far after each one."""
     from diffusers import DDIMScheduler
 
-    pipe = tb.build(model, device, dtype, seed)
+    pipe = uh.build(model, device, dtype, seed)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # the peer finds a step by its timestep
     originals = pipe.unet.attn_processors
-    prompt = tb.read_prompts(1)[0]
+    prompt = uh.read_prompts(1)[0]
     seconds = {r.name: [] for r in rows}
     fidelity = {}
+    setup = dict(model=model, size=size, steps=steps, scheduler="DDIM", repeats=repeats, seed=seed, device=device,
+                 dtype=str(dtype).replace("torch.", ""), prompt=prompt)
 
     def one(row: Row, s: int):
         if row.peer is not None:
             return denoise_peer(pipe, *row.peer, prompt, steps, size, s, originals)
-        secs, lat, _, _ = tb.denoise(pipe, row.config, prompt, steps, size, s, originals)
+        secs, lat, _, _ = uh.denoise(pipe, row.config, prompt, steps, size, s, originals)
         return secs, lat
 
     one(rows[0], seed)  # warm-up, untimed
@@ -119,18 +130,25 @@ def run(model: str, size: int, steps: int, repeats: int, rows: list[Row], seed: 
                 progress(f"[{k + 1}/{repeats}] {row.name}: {secs:.2f} s")
         if k == 0:
             ref = latents["stock"]
-            ref_img = tb.decode(pipe, ref)
+            ref_img = uh.decode(pipe, ref)
             for row in rows:
                 lat = latents[row.name]
-                fidelity[row.name] = (latent_psnr(lat, ref), tb.psnr(tb.decode(pipe, lat), ref_img))
-    tb.install(pipe, tb.Config("stock", None), originals)
+                fidelity[row.name] = (latent_psnr(lat, ref), uh.psnr(uh.decode(pipe, lat), ref_img))
+                if progress:
+                    progress(f"fidelity {row.name}: latent {fidelity[row.name][0]:.2f} dB, image {fidelity[row.name][1]:.2f} dB")
+        if on_repeat is not None and k < repeats - 1:
+            on_repeat(_result(rows, seconds, fidelity, setup | {"repeats_done": k + 1}))
+    uh.install(pipe, uh.Config("stock", None), originals)
+    return _result(rows, seconds, fidelity, setup)
+
+
+def _result(rows: list[Row], seconds: dict, fidelity: dict, setup: dict) -> dict:
     stock = statistics.median(seconds["stock"])
     table = [{"row": r.name, "group": r.group, "median_s": statistics.median(seconds[r.name]),
               "speedup": stock / statistics.median(seconds[r.name]), "latent_psnr_db": fidelity[r.name][0],
-              "image_psnr_db": fidelity[r.name][1], "runs": len(seconds[r.name])} for r in rows]
-    setup = dict(model=model, size=size, steps=steps, scheduler="DDIM", repeats=repeats, seed=seed, device=device,
-                 dtype=str(dtype).replace("torch.", ""), prompt=prompt)
-    return {"setup": setup, "rows": table, "environment": tb.environment()}
+              "image_psnr_db": fidelity[r.name][1], "runs": len(seconds[r.name]), "seconds": list(seconds[r.name])}
+             for r in rows]
+    return {"setup": setup, "rows": table, "environment": uh.environment()}
 
 
 def frontier(table: list[dict]) -> list[dict]:
@@ -203,8 +221,14 @@ def peer_available(model: str) -> tuple[bool, str | None]:
     return True, None
 
 
-# the full run's rows (SD layout: 12 skip branches; our default is branch 2)
-FULL = dict(intervals=(2, 3, 5, 7), branches=(0, 2, 5, 8), nonuniform=(3, 5), combos=(3,))
+# The full run's rows (SD layout: 12 skip branches, 0..11; our default is branch 2). Cut to fit
+# one 1-thread CPU run in about 90 minutes on a loaded machine: the peer at its default branch 0
+# and intervals 2, 3, 5, and ours gated + collapsed, aimed at each peer point. (Our DeepCache alone
+# at the peer's interval and branch gives the peer's output: tests/test_tokenprune_deepcache.py.)
+FULL = dict(
+    ours=[Ours(2, 2, gate=0.4), Ours(4, 2, gate=0.4), Ours(4, 0, gate=0.4), Ours(3, 2, gate=0.5, start=0.5)],
+    peer=[(2, 0), (3, 0), (5, 0)],
+)
 
 
 def main(argv=None) -> int:
@@ -217,7 +241,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     peer, reason = peer_available(args.model)
     tgate = importlib.util.find_spec("tgate") is not None and args.model != "tiny"
-    rows = rows_for(FULL["intervals"], FULL["branches"], peer, tgate, nonuniform=FULL["nonuniform"], combos=FULL["combos"])
+    rows = rows_for(FULL["ours"], FULL["peer"] if peer else [], tgate)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     result = run(args.model, args.size, args.steps, args.repeats, rows, device=device,
                  dtype=torch.float16 if device == "cuda" else torch.float32, progress=lambda m: print(m, flush=True))

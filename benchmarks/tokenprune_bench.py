@@ -3,7 +3,8 @@
 Runs every configuration on the same pipeline, seed and prompts, interleaved (the order rotates at
 each repeat), and reports medians; peak memory is measured on the GPU with
 ``torch.cuda.max_memory_allocated`` and on the CPU in a child process per configuration (peak RSS).
-Also a standalone script: ``python benchmarks/tokenprune_bench.py --help``.
+Also a standalone script: ``python benchmarks/tokenprune_bench.py --help``. Building, installing a
+configuration and timing one generation: unet_harness.py.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ import argparse
 import gc
 import importlib.util
 import json
-import math
-import platform
 import resource
 import statistics
 import subprocess
@@ -22,22 +21,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-
-HERE = Path(__file__).resolve().parent
+from unet_harness import TGATE, Config, build, decode, denoise, environment, psnr, read_prompts, sync
 
 # the blog's table (claimed, 1024x1024 SD on an RTX 4080, 100 complex prompts)
 BLOG = {"iter/s": (4.2, 5.8), "VRAM GB": (12.4, 9.1), "CLIP score": (0.312, 0.309)}
-
-
-@dataclass(frozen=True)
-class Config:
-    name: str
-    options: dict | None  # TokenPruneProcessor options; None = stock processors
-    collapse: bool = False  # pass CollapseGuidance as callback_on_step_end
-    deep_cache: dict | None = None  # apply_deep_cache options (DeepCache); None = off
-    tgate: bool = False  # the tgate package's own pipeline (gate at 40%, its defaults)
 
 
 CONFIGS = [
@@ -55,108 +43,9 @@ CONFIGS = [
     Config("prune + gate 0.2 + collapse + DeepCache N=3", dict(threshold=0.1, warmup=0.1, gate=0.2), collapse=True,
            deep_cache=dict(interval=3)),
 ]
-TGATE = Config("T-GATE (tgate pkg, gate 40%)", None, tgate=True)
 # the rows of the long CPU runs (512 px): defaults, the speed options and their best combination
 LARGE_RUN = ["prune t=0.1 w=0.2 (defaults)", "prune + gate 0.4 + collapse", "prune + gate 0.2 + collapse",
              "DeepCache N=3", "prune + gate 0.2 + collapse + DeepCache N=3"]
-
-
-def read_prompts(n: int | None = None) -> list[str]:
-    lines = (HERE / "prompts.txt").read_text().splitlines()
-    prompts = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-    return prompts[:n] if n else prompts
-
-
-def build(model: str, device: str, dtype: torch.dtype, seed: int = 0):
-    from tokenprune_diffusers.models import sd15_pipeline, tiny_pipeline
-
-    if model == "tiny":
-        pipe = tiny_pipeline(seed=seed)
-    elif model == "sd15-random":
-        pipe = sd15_pipeline(seed=seed)
-    else:
-        from diffusers import StableDiffusionPipeline
-
-        pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=dtype, safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-    if device != "cpu":
-        pipe = pipe.to(device)
-    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
-
-
-def install(pipe, cfg: Config, originals):
-    """Put the configuration's processors and hooks on the pipeline; return (pipeline kwargs, processor)."""
-    from tokenprune_diffusers import (
-        CollapseGuidance,
-        apply_deep_cache,
-        apply_token_pruning,
-        remove_deep_cache,
-        remove_token_pruning,
-    )
-
-    remove_deep_cache(pipe)
-    remove_token_pruning(pipe)  # also its UNet hook
-    pipe.unet.set_attn_processor(dict(originals))  # diffusers pops the entries of the dict it is given
-    proc = apply_token_pruning(pipe, **cfg.options) if cfg.options is not None else None
-    if cfg.deep_cache is not None:
-        apply_deep_cache(pipe, **cfg.deep_cache)
-    return ({"callback_on_step_end": CollapseGuidance(proc, pipe)} if cfg.collapse else {}), proc
-
-
-def denoise(pipe, cfg: Config, prompt: str, steps: int, size: int, seed: int, originals):
-    """One generation's denoising loop (text encoding included, VAE decode excluded):
-    (seconds, latents, report, calls) where calls lists (batch size, seconds) of every UNet call."""
-    kwargs, proc = install(pipe, cfg, originals)
-    device = pipe.unet.device
-    calls, started = [], []
-
-    def pre(m, args, kw):
-        _sync(device)
-        sample = args[0] if args else kw["sample"]
-        started.append((int(sample.shape[0]), time.perf_counter()))
-
-    def post(m, args, out):
-        _sync(device)
-        batch, t0 = started.pop()
-        calls.append((batch, time.perf_counter() - t0))
-
-    handles = [pipe.unet.register_forward_pre_hook(pre, with_kwargs=True), pipe.unet.register_forward_hook(post)]
-    g = torch.Generator("cpu").manual_seed(seed)
-    call = pipe
-    if cfg.tgate:
-        from tgate import TgateSDLoader
-
-        call = TgateSDLoader(pipe).tgate
-        kwargs = {"gate_step": max(1, round(0.4 * steps))}
-    try:
-        _sync(device)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            latents = call(prompt, num_inference_steps=steps, height=size, width=size, generator=g, output_type="latent",
-                           **kwargs).images
-        _sync(device)
-        seconds = time.perf_counter() - t0
-    finally:
-        for h in handles:
-            h.remove()
-        if cfg.tgate:  # tgate replaces every Attention module's forward (and keeps a cache on it): undo that
-            for m in pipe.unet.modules():
-                if type(m).__name__ == "Attention":
-                    m.__dict__.pop("forward", None)
-                    m.__dict__.pop("cache", None)
-    return seconds, latents.float().cpu(), (proc.report if proc is not None else None), calls
-
-
-def decode(pipe, latents: torch.Tensor) -> np.ndarray:
-    with torch.inference_mode():
-        x = latents.to(pipe.vae.device, pipe.vae.dtype) / pipe.vae.config.scaling_factor
-        img = pipe.vae.decode(x).sample.float().cpu()
-    return ((img / 2 + 0.5).clamp(0, 1)).numpy()
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
 def cross_attention_share(pipe, prompt: str, steps: int, size: int, seed: int, originals) -> dict:
@@ -169,7 +58,7 @@ def cross_attention_share(pipe, prompt: str, steps: int, size: int, seed: int, o
     device = pipe.unet.device
 
     def pre(m, args, kwargs):
-        _sync(device)
+        sync(device)
         starts[id(m)] = time.perf_counter()
         h, e = args[0], kwargs.get("encoder_hidden_states")
         if e is not None:
@@ -180,7 +69,7 @@ def cross_attention_share(pipe, prompt: str, steps: int, size: int, seed: int, o
             flops["all"] += sum(f.values())
 
     def post(m, args, out):
-        _sync(device)
+        sync(device)
         spent.append(time.perf_counter() - starts.pop(id(m)))
 
     handles = []
@@ -216,10 +105,10 @@ def unet_call_costs(pipe, size: int, repeats: int = 3) -> dict:
             with torch.inference_mode():
                 if cached:
                     unet(x[:batch], 500, text[:batch])  # the full call that fills the cache
-                _sync(device)
+                sync(device)
                 t0 = time.perf_counter()
                 unet(x[:batch], 500, text[:batch])
-                _sync(device)
+                sync(device)
             times.append(time.perf_counter() - t0)
             if cache is not None:
                 remove_deep_cache(unet)
@@ -371,16 +260,6 @@ def summarise(rows: dict[str, Row], ceiling: dict, setup: dict) -> dict:
     return {"setup": setup, "ceiling": ceiling | {"max_pruning_speedup": max_prune}, "rows": table, "environment": environment()}
 
 
-def environment() -> dict:
-    import diffusers
-
-    env = {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-           "machine": platform.machine(), "cpu_count": __import__("os").cpu_count(), "threads": torch.get_num_threads()}
-    if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name(0)
-    return env
-
-
 def _collapse_bound(r: float, gate_share: float = 0.0) -> float:
     """Speed-up bound of gating + collapse when a gated batch-1 call costs ``r`` of a batch-2 call
     and the first ``gate_share`` of the steps still run at batch 2."""
@@ -461,11 +340,6 @@ def to_markdown(result: dict, target: float | None = None) -> str:
         if tg is not None:
             lines.append(f"T-GATE (the reference to beat) in the same run: {tg['speedup']:.2f}x.")
     return "\n".join(lines) + "\n"
-
-
-def _sync(device) -> None:
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def main(argv=None) -> int:
