@@ -70,8 +70,9 @@ def rows_for(ours: list[Ours], peer: list[tuple[int, int]], tgate: bool) -> list
     return rows
 
 
-def denoise_peer(pipe, interval: int, branch: int, prompt: str, steps: int, size: int, seed: int, originals):
-    """One generation under the peer's helper (stock processors): (seconds, latents)."""
+def denoise_peer(pipe, interval: int, branch: int, prompt: str, steps: int, size: int, seed: int, originals,
+                 timer=time.perf_counter):
+    """One generation under the peer's helper (stock processors): (seconds on ``timer``, latents)."""
     from DeepCache import DeepCacheSDHelper
 
     uh.install(pipe, uh.Config("stock", None), originals)
@@ -81,12 +82,12 @@ def denoise_peer(pipe, interval: int, branch: int, prompt: str, steps: int, size
     g = torch.Generator("cpu").manual_seed(seed)
     try:
         uh.sync(pipe.unet.device)
-        t0 = time.perf_counter()
+        t0 = timer()
         with torch.inference_mode():
             latents = pipe(prompt, num_inference_steps=steps, height=size, width=size, generator=g,
                            output_type="latent").images
         uh.sync(pipe.unet.device)
-        seconds = time.perf_counter() - t0
+        seconds = timer() - t0
     finally:
         helper.disable()
     return seconds, latents.float().cpu()
@@ -101,6 +102,10 @@ def latent_psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
 def run(model: str, size: int, steps: int, repeats: int, rows: list[Row], seed: int = 0, device: str = "cpu",
         dtype: torch.dtype = torch.float32, progress=None, on_repeat=None) -> dict:
     """Time every row (interleaved, ``repeats`` times) and measure its fidelity once (repeat 0).
+
+    On the CPU a row's seconds are the process's CPU seconds (``time.process_time``; one thread:
+    what a loaded machine does not inflate), on a GPU the wall clock; the wall clock of each CPU
+    row is kept too (``wall_s``). Every row is warmed up once at 2 steps before the timed repeats.
     ``on_repeat(result)``, when given, receives the result of the repeats done so far after each one."""
     from diffusers import DDIMScheduler
 
@@ -108,26 +113,32 @@ def run(model: str, size: int, steps: int, repeats: int, rows: list[Row], seed: 
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # the peer finds a step by its timestep
     originals = pipe.unet.attn_processors
     prompt = uh.read_prompts(1)[0]
+    timer = time.process_time if device == "cpu" else time.perf_counter
     seconds = {r.name: [] for r in rows}
+    wall = {r.name: [] for r in rows}
     fidelity = {}
     setup = dict(model=model, size=size, steps=steps, scheduler="DDIM", repeats=repeats, seed=seed, device=device,
-                 dtype=str(dtype).replace("torch.", ""), prompt=prompt)
+                 dtype=str(dtype).replace("torch.", ""), prompt=prompt,
+                 clock="CPU seconds of the process (time.process_time)" if device == "cpu" else "wall clock")
 
-    def one(row: Row, s: int):
+    def one(row: Row, s: int, n: int = steps):
         if row.peer is not None:
-            return denoise_peer(pipe, *row.peer, prompt, steps, size, s, originals)
-        secs, lat, _, _ = uh.denoise(pipe, row.config, prompt, steps, size, s, originals)
+            return denoise_peer(pipe, *row.peer, prompt, n, size, s, originals, timer=timer)
+        secs, lat, _, _ = uh.denoise(pipe, row.config, prompt, n, size, s, originals, timer=timer)
         return secs, lat
 
-    one(rows[0], seed)  # warm-up, untimed
+    for row in rows:  # warm-up, untimed: every code path (and the peers' imports) once
+        one(row, seed, min(steps, 2))
     for k in range(repeats):
         order = rows[k % len(rows):] + rows[: k % len(rows)]
         latents = {}
         for row in order:
+            t0 = time.perf_counter()
             secs, latents[row.name] = one(row, seed)
+            wall[row.name].append(time.perf_counter() - t0)
             seconds[row.name].append(secs)
             if progress:
-                progress(f"[{k + 1}/{repeats}] {row.name}: {secs:.2f} s")
+                progress(f"[{k + 1}/{repeats}] {row.name}: {secs:.2f} s ({wall[row.name][-1]:.2f} s wall)")
         if k == 0:
             ref = latents["stock"]
             ref_img = uh.decode(pipe, ref)
@@ -137,16 +148,17 @@ def run(model: str, size: int, steps: int, repeats: int, rows: list[Row], seed: 
                 if progress:
                     progress(f"fidelity {row.name}: latent {fidelity[row.name][0]:.2f} dB, image {fidelity[row.name][1]:.2f} dB")
         if on_repeat is not None and k < repeats - 1:
-            on_repeat(_result(rows, seconds, fidelity, setup | {"repeats_done": k + 1}))
+            on_repeat(_result(rows, seconds, wall, fidelity, setup | {"repeats_done": k + 1}))
     uh.install(pipe, uh.Config("stock", None), originals)
-    return _result(rows, seconds, fidelity, setup)
+    return _result(rows, seconds, wall, fidelity, setup)
 
 
-def _result(rows: list[Row], seconds: dict, fidelity: dict, setup: dict) -> dict:
+def _result(rows: list[Row], seconds: dict, wall: dict, fidelity: dict, setup: dict) -> dict:
     stock = statistics.median(seconds["stock"])
     table = [{"row": r.name, "group": r.group, "median_s": statistics.median(seconds[r.name]),
               "speedup": stock / statistics.median(seconds[r.name]), "latent_psnr_db": fidelity[r.name][0],
-              "image_psnr_db": fidelity[r.name][1], "runs": len(seconds[r.name]), "seconds": list(seconds[r.name])}
+              "image_psnr_db": fidelity[r.name][1], "runs": len(seconds[r.name]), "seconds": list(seconds[r.name]),
+              "wall_s": list(wall[r.name])}
              for r in rows]
     return {"setup": setup, "rows": table, "environment": uh.environment()}
 
@@ -167,13 +179,14 @@ def to_markdown(result: dict, skipped: list[str]) -> str:
     on = {r["row"] for r in frontier(result["rows"])}
     lines = [f"### UNet speed vs fidelity: {s['model']}, {s['size']}x{s['size']}, {s['steps']} {s['scheduler']} steps, "
              f"{s['device']} {s['dtype']}", "",
-             f"One process, rows interleaved, {s['repeats']} repeat(s), seed {s['seed']}; environment: "
+             f"One process, rows interleaved, {s['repeats']} repeat(s), seed {s['seed']}; seconds: {s.get('clock', 'wall clock')} "
+             "(median; wall clock beside it on CPU); environment: "
              f"{json.dumps(result['environment'])}. PSNR against stock at the same seed (latents: peak = the range of "
              "stock's latents; images: range 1). On the frontier: no other row is both faster and more faithful (latents).", "",
-             "| row | median s | speedup | latent PSNR (dB) | image PSNR (dB) | on the frontier |",
-             "| --- | ---: | ---: | ---: | ---: | :---: |"]
+             "| row | median s | median wall s | speedup | latent PSNR (dB) | image PSNR (dB) | on the frontier |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | :---: |"]
     for r in result["rows"]:
-        lines.append(f"| {r['row']} | {r['median_s']:.2f} | {r['speedup']:.2f}x | {_db(r['latent_psnr_db'])} "
+        lines.append(f"| {r['row']} | {r['median_s']:.2f} | {statistics.median(r['wall_s']):.2f} | {r['speedup']:.2f}x | {_db(r['latent_psnr_db'])} "
                      f"| {_db(r['image_psnr_db'])} | {'yes' if r['row'] in on else ''} |")
     lines += [""] + [f"Skipped: {x}." for x in skipped]
     return "\n".join(lines) + "\n"
