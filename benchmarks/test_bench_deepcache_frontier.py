@@ -25,8 +25,9 @@ import deepcache_frontier as df  # noqa: E402
 
 def _setting(budget: str, model: str | None) -> dict:
     if budget == "smoke":
-        return dict(model="tiny", size=32, steps=4, repeats=1, intervals=(2, 3), branches=(0, 1), nonuniform=(3,),
-                    combos=(2,))
+        ours = [df.Ours(n, b) for n in (2, 3) for b in (0, 1)] + [df.Ours(3, schedule="nonuniform"), df.Ours(2, gate=0.2),
+                                                                 df.Ours(2, 0, gate=0.4, start=0.5)]
+        return dict(model="tiny", size=32, steps=4, repeats=1, ours=ours, peer=[(2, 0)])
     gpu = torch.cuda.is_available()
     return dict(model=model or "sd15-random", size=512 if gpu else 256, steps=20, repeats=5 if gpu else 3, **df.FULL)
 
@@ -35,13 +36,16 @@ def test_deepcache_frontier(budget, results_dir, request):
     s = _setting(budget, request.config.getoption("--model"))
     peer, reason = df.peer_available(s["model"])
     tgate = budget == "full" and importlib.util.find_spec("tgate") is not None
-    rows = df.rows_for(s["intervals"], s["branches"], peer, tgate, nonuniform=s["nonuniform"], combos=s["combos"])
+    rows = df.rows_for(s["ours"], s["peer"] if peer else [], tgate)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    stem = results_dir / f"deepcache_frontier_{device}_{s['model'].replace('/', '_')}_{s['size']}"
+    partial = stem.with_name(stem.name + "_partial.json")  # the repeats done so far, in case the run is stopped
     result = df.run(s["model"], s["size"], s["steps"], s["repeats"], rows, device=device,
-                    dtype=torch.float16 if device == "cuda" else torch.float32, progress=print)
+                    dtype=torch.float16 if device == "cuda" else torch.float32, progress=print,
+                    on_repeat=lambda r: partial.write_text(json.dumps(r, indent=1, default=str)))
+    partial.unlink(missing_ok=True)
     md = df.to_markdown(result, [reason] if reason else [])
     print(md)
-    stem = results_dir / f"deepcache_frontier_{device}_{s['model'].replace('/', '_')}_{s['size']}"
     stem.with_suffix(".md").write_text(md)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
     png = df.plot(result, stem.with_suffix(".png"))

@@ -3,7 +3,8 @@
 Runs every configuration on the same pipeline, seed and prompts, interleaved (the order rotates at
 each repeat), and reports medians; peak memory is measured on the GPU with
 ``torch.cuda.max_memory_allocated`` and on the CPU in a child process per configuration (peak RSS).
-Also a standalone script: ``python benchmarks/tokenprune_bench.py --help``.
+Also a standalone script: ``python benchmarks/tokenprune_bench.py --help``. Building, installing a
+configuration and timing one generation: unet_harness.py.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ import argparse
 import gc
 import importlib.util
 import json
-import math
-import platform
 import resource
 import statistics
 import subprocess
@@ -22,22 +21,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-
-HERE = Path(__file__).resolve().parent
+from unet_harness import TGATE, Config, build, decode, denoise, environment, psnr, read_prompts, sync
 
 # the blog's table (claimed, 1024x1024 SD on an RTX 4080, 100 complex prompts)
 BLOG = {"iter/s": (4.2, 5.8), "VRAM GB": (12.4, 9.1), "CLIP score": (0.312, 0.309)}
-
-
-@dataclass(frozen=True)
-class Config:
-    name: str
-    options: dict | None  # TokenPruneProcessor options; None = stock processors
-    collapse: bool = False  # pass CollapseGuidance as callback_on_step_end
-    deep_cache: dict | None = None  # apply_deep_cache options (DeepCache); None = off
-    tgate: bool = False  # the tgate package's own pipeline (gate at 40%, its defaults)
 
 
 CONFIGS = [
@@ -55,108 +43,9 @@ CONFIGS = [
     Config("prune + gate 0.2 + collapse + DeepCache N=3", dict(threshold=0.1, warmup=0.1, gate=0.2), collapse=True,
            deep_cache=dict(interval=3)),
 ]
-TGATE = Config("T-GATE (tgate pkg, gate 40%)", None, tgate=True)
 # the rows of the long CPU runs (512 px): defaults, the speed options and their best combination
 LARGE_RUN = ["prune t=0.1 w=0.2 (defaults)", "prune + gate 0.4 + collapse", "prune + gate 0.2 + collapse",
              "DeepCache N=3", "prune + gate 0.2 + collapse + DeepCache N=3"]
-
-
-def read_prompts(n: int | None = None) -> list[str]:
-    lines = (HERE / "prompts.txt").read_text().splitlines()
-    prompts = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-    return prompts[:n] if n else prompts
-
-
-def build(model: str, device: str, dtype: torch.dtype, seed: int = 0):
-    from tokenprune_diffusers.models import sd15_pipeline, tiny_pipeline
-
-    if model == "tiny":
-        pipe = tiny_pipeline(seed=seed)
-    elif model == "sd15-random":
-        pipe = sd15_pipeline(seed=seed)
-    else:
-        from diffusers import StableDiffusionPipeline
-
-        pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=dtype, safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-    if device != "cpu":
-        pipe = pipe.to(device)
-    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
-
-
-def install(pipe, cfg: Config, originals):
-    """Put the configuration's processors and hooks on the pipeline; return (pipeline kwargs, processor)."""
-    from tokenprune_diffusers import (
-        CollapseGuidance,
-        apply_deep_cache,
-        apply_token_pruning,
-        remove_deep_cache,
-        remove_token_pruning,
-    )
-
-    remove_deep_cache(pipe)
-    remove_token_pruning(pipe)  # also its UNet hook
-    pipe.unet.set_attn_processor(dict(originals))  # diffusers pops the entries of the dict it is given
-    proc = apply_token_pruning(pipe, **cfg.options) if cfg.options is not None else None
-    if cfg.deep_cache is not None:
-        apply_deep_cache(pipe, **cfg.deep_cache)
-    return ({"callback_on_step_end": CollapseGuidance(proc, pipe)} if cfg.collapse else {}), proc
-
-
-def denoise(pipe, cfg: Config, prompt: str, steps: int, size: int, seed: int, originals):
-    """One generation's denoising loop (text encoding included, VAE decode excluded):
-    (seconds, latents, report, calls) where calls lists (batch size, seconds) of every UNet call."""
-    kwargs, proc = install(pipe, cfg, originals)
-    device = pipe.unet.device
-    calls, started = [], []
-
-    def pre(m, args, kw):
-        _sync(device)
-        sample = args[0] if args else kw["sample"]
-        started.append((int(sample.shape[0]), time.perf_counter()))
-
-    def post(m, args, out):
-        _sync(device)
-        batch, t0 = started.pop()
-        calls.append((batch, time.perf_counter() - t0))
-
-    handles = [pipe.unet.register_forward_pre_hook(pre, with_kwargs=True), pipe.unet.register_forward_hook(post)]
-    g = torch.Generator("cpu").manual_seed(seed)
-    call = pipe
-    if cfg.tgate:
-        from tgate import TgateSDLoader
-
-        call = TgateSDLoader(pipe).tgate
-        kwargs = {"gate_step": max(1, round(0.4 * steps))}
-    try:
-        _sync(device)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            latents = call(prompt, num_inference_steps=steps, height=size, width=size, generator=g, output_type="latent",
-                           **kwargs).images
-        _sync(device)
-        seconds = time.perf_counter() - t0
-    finally:
-        for h in handles:
-            h.remove()
-        if cfg.tgate:  # tgate replaces every Attention module's forward (and keeps a cache on it): undo that
-            for m in pipe.unet.modules():
-                if type(m).__name__ == "Attention":
-                    m.__dict__.pop("forward", None)
-                    m.__dict__.pop("cache", None)
-    return seconds, latents.float().cpu(), (proc.report if proc is not None else None), calls
-
-
-def decode(pipe, latents: torch.Tensor) -> np.ndarray:
-    with torch.inference_mode():
-        x = latents.to(pipe.vae.device, pipe.vae.dtype) / pipe.vae.config.scaling_factor
-        img = pipe.vae.decode(x).sample.float().cpu()
-    return ((img / 2 + 0.5).clamp(0, 1)).numpy()
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
 def cross_attention_share(pipe, prompt: str, steps: int, size: int, seed: int, originals) -> dict:
@@ -169,7 +58,7 @@ def cross_attention_share(pipe, prompt: str, steps: int, size: int, seed: int, o
     device = pipe.unet.device
 
     def pre(m, args, kwargs):
-        _sync(device)
+        sync(device)
         starts[id(m)] = time.perf_counter()
         h, e = args[0], kwargs.get("encoder_hidden_states")
         if e is not None:
@@ -180,7 +69,7 @@ def cross_attention_share(pipe, prompt: str, steps: int, size: int, seed: int, o
             flops["all"] += sum(f.values())
 
     def post(m, args, out):
-        _sync(device)
+        sync(device)
         spent.append(time.perf_counter() - starts.pop(id(m)))
 
     handles = []
@@ -216,10 +105,10 @@ def unet_call_costs(pipe, size: int, repeats: int = 3) -> dict:
             with torch.inference_mode():
                 if cached:
                     unet(x[:batch], 500, text[:batch])  # the full call that fills the cache
-                _sync(device)
+                sync(device)
                 t0 = time.perf_counter()
                 unet(x[:batch], 500, text[:batch])
-                _sync(device)
+                sync(device)
             times.append(time.perf_counter() - t0)
             if cache is not None:
                 remove_deep_cache(unet)
@@ -371,16 +260,6 @@ def summarise(rows: dict[str, Row], ceiling: dict, setup: dict) -> dict:
     return {"setup": setup, "ceiling": ceiling | {"max_pruning_speedup": max_prune}, "rows": table, "environment": environment()}
 
 
-def environment() -> dict:
-    import diffusers
-
-    env = {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-           "machine": platform.machine(), "cpu_count": __import__("os").cpu_count(), "threads": torch.get_num_threads()}
-    if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name(0)
-    return env
-
-
 def _collapse_bound(r: float, gate_share: float = 0.0) -> float:
     """Speed-up bound of gating + collapse when a gated batch-1 call costs ``r`` of a batch-2 call
     and the first ``gate_share`` of the steps still run at batch 2."""
@@ -415,8 +294,10 @@ def to_markdown(result: dict, target: float | None = None) -> str:
         ps = "identical" if r["psnr_db"] == float("inf") else f"{r['psnr_db']:.1f}"
         lines.append(f"| {r['config']} | {r['median_s']:.2f} | {r['iter_per_s']:.2f} | {r['speedup']:.2f}x | {peak} | {ps} "
                      f"| {r['latent_rel_l2']:.4f} | {100 * r['xattn_flops_saved_by_pruning']:.1f}% | {100 * r['xattn_flops_saved']:.1f}% |")
-    prune = next(r for r in result["rows"] if r["config"].startswith("prune t=0.1 w=0.2 (defaults)"))
-    gain = prune["speedup"] - 1
+    prune = next((r for r in result["rows"] if r["config"].startswith("prune t=0.1 w=0.2 (defaults)")), None)
+    achieved = ("; the default pruning was not run" if prune is None else
+                f"; the default pruning achieved {prune['speedup']:.3f}x "
+                f"({100 * (prune['speedup'] - 1) / max(c['max_pruning_speedup'] - 1, 1e-9):.0f}% of that ceiling)")
     lines += [
         "",
         "xattn FLOPs saved: the share of the stock cross-attention FLOPs removed by pruning alone, and in all (K/V reuse, "
@@ -426,8 +307,7 @@ def to_markdown(result: dict, target: float | None = None) -> str:
         f"Ceiling: cross-attention took {100 * c['cross_attention_share']:.1f}% of the stock loop; its token-dependent "
         f"part (K/V projections and the two attention matmuls, by FLOPs: {100 * c['token_dependent_flop_share_of_xattn']:.0f}% "
         f"of it) {100 * c['token_dependent_share']:.1f}%. Removing every prompt token could speed the loop up by at most "
-        f"{c['max_pruning_speedup']:.3f}x; the default pruning achieved {prune['speedup']:.3f}x "
-        f"({100 * gain / max(c['max_pruning_speedup'] - 1, 1e-9):.0f}% of that ceiling).",
+        f"{c['max_pruning_speedup']:.3f}x{achieved}.",
         "",
         f"Guidance collapse: one UNet call at batch 1 costs {100 * c['batch1_over_batch2']:.0f}% of a batch-2 (CFG) call "
         f"here, so gating + collapse from the very first step could give at most {_collapse_bound(c['batch1_over_batch2']):.2f}x; "
@@ -436,36 +316,48 @@ def to_markdown(result: dict, target: float | None = None) -> str:
         f"{100 * c['cached_batch1_over_batch2']:.0f}% of a batch-2 call.",
         "",
         "CLIP score: not measured here (no pretrained CLIP weights on this machine; random-weight images have no content).",
+    ]
+    if prune is not None:
+        lines += _blog_table(result["rows"][0], prune)
+    if target is not None:
+        lines += [""] + _target_lines(result["rows"], target)
+    return "\n".join(lines) + "\n"
+
+
+def _blog_table(st: dict, prune: dict) -> list[str]:
+    """The blog's claimed table beside ours (stock and the default pruning)."""
+    gain = prune["speedup"] - 1
+    lines = [
         "",
         "The blog's table (claimed; 1024x1024 SD on an RTX 4080, 100 prompts) beside ours:",
         "",
         "| metric | blog stock | blog pruned | blog change | ours stock | ours pruned (defaults) | ours change |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    st = result["rows"][0]
     lines.append(f"| iter/s | 4.2 | 5.8 | +38% | {st['iter_per_s']:.3f} | {prune['iter_per_s']:.3f} | {100 * gain:+.1f}% |")
     if st["peak_mb"] is not None:
         lines.append(f"| peak memory | 12.4 GB | 9.1 GB | -26% | {st['peak_mb']:.0f} MB | {prune['peak_mb']:.0f} MB | "
                      f"{100 * (prune['peak_mb'] / st['peak_mb'] - 1):+.1f}% |")
     lines.append("| CLIP score | 0.312 | 0.309 | -0.003 | not measured | not measured | - |")
-    if target is not None:
-        lines.append("")
-        ours = [r for r in result["rows"] if not r["config"].startswith("T-GATE")]
-        three = [r for r in ours if "DeepCache" not in r["config"]]
-        for label, pool in (("reuse + gating + collapse", three), ("any of our options (DeepCache included)", ours)):
-            best = max(pool, key=lambda r: r["speedup"])
-            verdict = "met" if best["speedup"] >= target else f"missed by {target - best['speedup']:.2f}x"
-            psnr_txt = "identical" if best["psnr_db"] == float("inf") else f"PSNR {best['psnr_db']:.1f} dB"
-            lines.append(f"Target >= {target}x with {label}: best {best['speedup']:.2f}x ({best['config']}, {psnr_txt}): {verdict}.")
-        tg = next((r for r in result["rows"] if r["config"].startswith("T-GATE")), None)
-        if tg is not None:
-            lines.append(f"T-GATE (the reference to beat) in the same run: {tg['speedup']:.2f}x.")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
-def _sync(device) -> None:
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
+def _target_lines(rows: list[dict], target: float) -> list[str]:
+    """The issue's speed target against the best row of each pool that was run."""
+    lines = []
+    ours = [r for r in rows if not r["config"].startswith("T-GATE")]
+    three = [r for r in ours if "DeepCache" not in r["config"]]
+    for label, pool in (("reuse + gating + collapse", three), ("any of our options (DeepCache included)", ours)):
+        if not pool:
+            continue
+        best = max(pool, key=lambda r: r["speedup"])
+        verdict = "met" if best["speedup"] >= target else f"missed by {target - best['speedup']:.2f}x"
+        psnr_txt = "identical" if best["psnr_db"] == float("inf") else f"PSNR {best['psnr_db']:.1f} dB"
+        lines.append(f"Target >= {target}x with {label}: best {best['speedup']:.2f}x ({best['config']}, {psnr_txt}): {verdict}.")
+    tg = next((r for r in rows if r["config"].startswith("T-GATE")), None)
+    if tg is not None:
+        lines.append(f"T-GATE (the reference to beat) in the same run: {tg['speedup']:.2f}x.")
+    return lines
 
 
 def main(argv=None) -> int:

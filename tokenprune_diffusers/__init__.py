@@ -24,6 +24,7 @@ from .mmdit import (
     MMDiTTokenPruning,
 )
 from .patch import apply_token_pruning, get_token_pruning, remove_token_pruning
+from .presets import PRESETS, Preset, Speedups, apply_speedups, remove_speedups
 from .processor import TokenPruneProcessor
 from .report import PruneReport, StepRecord
 from .schedule import CallPlan, NonUniform, Schedule, deep_cache_plan, plan_generation
@@ -41,6 +42,11 @@ __all__ = [
     "apply_deep_cache",
     "remove_deep_cache",
     "get_deep_cache",
+    "apply_speedups",
+    "remove_speedups",
+    "Speedups",
+    "Preset",
+    "PRESETS",
     "apply_token_pruning",
     "remove_token_pruning",
     "get_token_pruning",
