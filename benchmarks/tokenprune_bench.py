@@ -13,7 +13,6 @@ import argparse
 import gc
 import importlib.util
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -198,32 +197,14 @@ def peak_memory(model, cfg, prompt, steps, size, seed, device, dtype) -> float:
 
 
 def _child(idx: int, model: str, prompt: str, steps: int, size: int, seed: int) -> None:
+    from peak_rss import peak_rss_mb, reset_peak_rss
+
     cfg = (CONFIGS + [TGATE])[idx]
     pipe = build(model, "cpu", torch.float32, seed)
     gc.collect()
-    reset = _reset_peak_rss()  # building the pipeline peaks higher than denoising: measure from here
+    reset = reset_peak_rss()  # building the pipeline peaks higher than denoising: measure from here
     denoise(pipe, cfg, prompt, steps, size, seed, pipe.unet.attn_processors)
-    if reset:
-        peak_mb = _proc_status_mb("VmHWM")  # peak resident set since the reset (weights included)
-    else:  # no /proc/self/clear_refs: the whole process's peak, building included
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print(json.dumps({"peak_mb": peak_mb, "denoising_only": reset}))
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter of this process (Linux: write 5 to clear_refs)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _proc_status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024  # kB
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    print(json.dumps({"peak_mb": peak_rss_mb(reset), "denoising_only": reset}))
 
 
 def memory_markdown(model: str, size: int, steps: int, peaks: dict[str, float]) -> str:
