@@ -129,16 +129,20 @@ class RankingModel(nn.Module):
             logits = logits.masked_fill(neg[None, :] == items[:, None], -torch.inf)  # a sample of the positive
             rank = F.cross_entropy(torch.cat([pos[:, None], logits], 1), torch.zeros_like(items), reduction="none")
         rank = rank.mean() if weights is None else (rank * weights).sum() / weights.sum()
-        total, view = rank, rank * 0.0
-        if c.view_weight > 0:
-            keep = self.graph.symmetric_keep(c.edge_dropout, generator)  # (2E,)
-            z_aug = self.propagate(keep)  # (N, D)
-            nodes = torch.randperm(self.graph.num_nodes, generator=generator)[: c.view_nodes]
-            view = info_nce(z[nodes], z_aug[nodes], c.temperature)
-            total = total + c.view_weight * view
+        view = self._view_loss(z, generator) if c.view_weight > 0 else rank * 0.0
+        total = rank + c.view_weight * view if c.view_weight > 0 else rank
         if c.l2 > 0:
             total = total + c.l2 * (self.h0[users].pow(2).sum() + self.h0[items + self.num_users].pow(2).sum()) / len(users)
         return {"loss": total, "rank": rank.detach(), "view": view.detach()}
+
+    def _view_loss(self, z: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """InfoNCE between the propagated embeddings ``z`` (N, D) and those of an edge-dropped
+        (augmented) view, on a sample of nodes: the contrastive regulariser of both losses."""
+        c = self.config
+        keep = self.graph.symmetric_keep(c.edge_dropout, generator)  # (2E,)
+        z_aug = self.propagate(keep)  # (N, D)
+        nodes = torch.randperm(self.graph.num_nodes, generator=generator)[: c.view_nodes]
+        return info_nce(z[nodes], z_aug[nodes], c.temperature)
 
     def user_loss(self, users: torch.Tensor, rows: torch.Tensor, items: torch.Tensor, weights: torch.Tensor,
                   generator: torch.Generator) -> dict:
@@ -156,13 +160,8 @@ class RankingModel(nn.Module):
         lse = torch.logsumexp(logits, 1)  # (B,)
         per_pair = lse[rows] - logits[rows, items]  # (P,)
         rank = (per_pair * weights).sum() / weights.sum()
-        total, view = rank, rank * 0.0
-        if c.view_weight > 0:
-            keep = self.graph.symmetric_keep(c.edge_dropout, generator)  # (2E,)
-            z_aug = self.propagate(keep)  # (N, D)
-            nodes = torch.randperm(self.graph.num_nodes, generator=generator)[: c.view_nodes]
-            view = info_nce(z[nodes], z_aug[nodes], c.temperature)
-            total = total + c.view_weight * view
+        view = self._view_loss(z, generator) if c.view_weight > 0 else rank * 0.0
+        total = rank + c.view_weight * view if c.view_weight > 0 else rank
         if c.l2 > 0:
             total = total + c.l2 * (self.h0[users].pow(2).sum(1) @ torch.bincount(rows, minlength=len(users)).float()
                                     + self.h0[items + self.num_users].pow(2).sum()) / len(items)

@@ -40,7 +40,7 @@ from .model import (
     seeded,
     shrink_embeddings,
 )
-from .sd3 import default_flow_scheduler
+from .sd3 import default_flow_scheduler, read_weights_folder
 
 __all__ = [
     "FluxToyConfig",
@@ -250,14 +250,7 @@ def load_flux_pipeline(folder: str | Path | None = None, dtype: torch.dtype = to
     from safetensors.torch import load_file
 
     folder = Path(folder) if folder is not None else FLUX_WEIGHTS_DIR
-    needed = ["config.json", *(f"{n}.safetensors" for n in _FILES)]
-    missing = [n for n in needed if not (folder / n).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"Flux toy weights missing in {folder}: {', '.join(missing)}. Train and export them with "
-            f"`python -m tokenprune_diffusers.toy.train_flux --out DIR --export {FLUX_WEIGHTS_DIR}`"
-        )
-    meta = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    meta = read_weights_folder(folder, _FILES, "Flux", "train_flux", FLUX_WEIGHTS_DIR)
     config = FluxToyConfig(**{k: v for k, v in meta.items() if k != "vae"})
     vae = AutoencoderKL.from_config(meta["vae"])
     vae.load_state_dict(load_file(str(folder / "vae.safetensors")))

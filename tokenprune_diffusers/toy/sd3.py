@@ -194,6 +194,19 @@ def save_sd3_weights(models, folder: str | Path, config: SD3ToyConfig, token_ids
     return sizes
 
 
+def read_weights_folder(folder: Path, files: tuple[str, ...], kind: str, trainer: str, default: Path) -> dict:
+    """The exported toy's ``config.json``, after checking that ``folder`` holds it and every
+    ``<file>.safetensors``; a missing one is refused naming the files and how to make them."""
+    needed = ["config.json", *(f"{n}.safetensors" for n in files)]
+    missing = [n for n in needed if not (folder / n).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{kind} toy weights missing in {folder}: {', '.join(missing)}. Train and export them with "
+            f"`python -m tokenprune_diffusers.toy.{trainer} --out DIR --export {default}`"
+        )
+    return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+
+
 def load_sd3_pipeline(folder: str | Path | None = None, dtype: torch.dtype = torch.float32):
     """The trained SD3 toy as a ``StableDiffusion3Pipeline`` (T5 slot empty), loaded offline.
 
@@ -204,14 +217,7 @@ def load_sd3_pipeline(folder: str | Path | None = None, dtype: torch.dtype = tor
     from safetensors.torch import load_file
 
     folder = Path(folder) if folder is not None else SD3_WEIGHTS_DIR
-    needed = ["config.json", *(f"{n}.safetensors" for n in _FILES)]
-    missing = [n for n in needed if not (folder / n).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"SD3 toy weights missing in {folder}: {', '.join(missing)}. Train and export them with "
-            f"`python -m tokenprune_diffusers.toy.train_sd3 --out DIR --export {SD3_WEIGHTS_DIR}`"
-        )
-    meta = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    meta = read_weights_folder(folder, _FILES, "SD3", "train_sd3", SD3_WEIGHTS_DIR)
     config = SD3ToyConfig(transformer=meta["transformer"], text=meta["text"], scheduler=meta["scheduler"])
     vae = AutoencoderKL.from_config(meta["vae"])
     vae.load_state_dict(load_file(str(folder / "vae.safetensors")))
