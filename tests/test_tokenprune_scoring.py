@@ -10,6 +10,7 @@ from tokenprune_diffusers.scoring import (
     SPECIAL,
     WORD,
     attention_mass,
+    attention_with_lse,
     gather_mask,
     gather_rows,
     kept_index,
@@ -34,6 +35,39 @@ def test_attention_mass_is_the_mean_softmax_probability_whatever_the_chunk(chunk
     torch.testing.assert_close(per_pos, probs.sum(1))
     torch.testing.assert_close(mass.sum(1), torch.ones(2))
     assert mass[1, 3] == 0
+
+
+@pytest.mark.parametrize("chunk", [1, 50, 10**9])
+def test_joint_attention_mass_from_the_kernels_log_sum_exp_is_the_recomputed_one(chunk):
+    """Joint attention (image then text keys), a bias with a masked slot and a merged position:
+    the kernel's output is SDPA's, bit for bit, and the text keys' mass from its log-sum-exp
+    equals the mass with the normaliser recomputed over every key."""
+    g = torch.Generator().manual_seed(1)
+    B, H, N, K, d = 2, 3, 20, 5, 8
+    q, k, v = (torch.randn(B, H, N + K, d, generator=g) for _ in range(3))
+    bias = torch.zeros(B, 1, 1, N + K)
+    bias[0, ..., -1] = -math.inf  # row 0 keeps one text position fewer
+    bias[1, ..., N] = math.log(4.0)  # a position standing for 4 identical ones
+    out, lse = attention_with_lse(q, k, v, bias)
+    assert torch.equal(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias))
+    assert lse is not None and lse.shape == (B, H, N + K)
+    fast, fast_pos = attention_mass(q[:, :, :N], k, bias, chunk, with_positions=True, keys_from=N, lse=lse[:, :, :N])
+    slow, slow_pos = attention_mass(q[:, :, :N], k, bias, chunk, with_positions=True, keys_from=N)
+    torch.testing.assert_close(fast, slow, atol=1e-7, rtol=1e-5)
+    torch.testing.assert_close(fast_pos, slow_pos, atol=1e-6, rtol=1e-5)
+    assert fast[0, -1] == 0 and fast[1, 0] > fast[1, 1]
+
+
+def test_attention_with_lse_follows_sdpa_kernel_choice():
+    """Under ``sdpa_kernel`` without the flash backend (e.g. the math one, which FLOP counters
+    see), SDPA chooses as ever and no log-sum-exp comes back."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(1, 2, 6, 4, generator=torch.Generator().manual_seed(0))
+    with sdpa_kernel(SDPBackend.MATH):
+        out, lse = attention_with_lse(q, q, q)
+    assert lse is None
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, q, q))
 
 
 def test_normalised_score_is_one_for_the_best_word_and_ignores_the_start_token():

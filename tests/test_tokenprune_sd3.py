@@ -197,3 +197,17 @@ def test_deep_cache_is_refused_on_an_mmdit_and_removing_it_is_a_no_op(pipe):
         apply_deep_cache(pipe)
     assert get_deep_cache(pipe) is None
     remove_deep_cache(pipe)  # nothing installed: nothing to do
+
+
+def test_scores_from_the_attention_kernels_log_sum_exp_equal_recomputed_scores(pipe):
+    """On CPU the scored calls take each query's normaliser from the attention kernel; under the
+    math backend scoring recomputes it: the same scores (up to the two kernels' rounding)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    proc = apply_token_pruning(pipe, top_k=2, warmup=0.4)
+    generate(pipe)
+    fast, maps = proc.report.mass.clone(), {hw: m.clone() for hw, m in proc.report.maps.items()}
+    with sdpa_kernel(SDPBackend.MATH):
+        generate(pipe)
+    torch.testing.assert_close(proc.report.mass, fast, atol=1e-6, rtol=1e-4)
+    assert maps and all(torch.allclose(proc.report.maps[hw], m, atol=1e-5, rtol=1e-4) for hw, m in maps.items())

@@ -134,14 +134,15 @@ class GenerationState:
 
     def accumulate(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, config: TokenPruneConfig,
                    scale: float | None = None, text_from: int = 0, text_to: int | None = None,
-                   spread: Any = None) -> None:
+                   spread: Any = None, lse: torch.Tensor | None = None) -> None:
         """Add one layer's attention mass (and per-position maps) to the scores; only the keys
         ``text_from:text_to`` are text (the others are the image keys of joint attention).
-        ``spread`` maps per-key masses (..., K) of a gathered text stream back to its L positions."""
+        ``spread`` maps per-key masses (..., K) of a gathered text stream back to its L positions;
+        ``lse`` is the queries' log-sum-exp over every key, where the attention kernel returned it."""
         rep = self.report
         hw = _map_shape(query.shape[2], self.info.latent_hw) if config.record_maps else None
         mass, per_pos = attention_mass(query, key, mask, config.score_chunk, with_positions=hw is not None, scale=scale,
-                                       keys_from=text_from, keys_to=text_to)
+                                       keys_from=text_from, keys_to=text_to, lse=lse)
         if spread is not None:
             mass, per_pos = spread(mass), (spread(per_pos) if per_pos is not None else None)
         rep.mass += mass

@@ -5,7 +5,10 @@
 adds two things, marked ``# ---``: the text key bias (``-inf`` on the padded slots of rows that
 keep fewer text positions, ``log(m)`` on a position standing for m identical ones; the stock
 processors take none), and, on the warm-up calls, the scoring of each
-text key by the attention mass the image queries give it (``pruning.score``). ``pruning`` is the
+text key by the attention mass the image queries give it (``pruning.score``): on those calls the
+attention runs through :func:`~tokenprune_diffusers.scoring.attention_with_lse`, the same kernel
+with each query's log-sum-exp, so that scoring computes only the image x text logits (where the
+kernel returns none, scoring recomputes the normaliser). ``pruning`` is the
 :class:`~tokenprune_diffusers.mmdit.MMDiTTokenPruning` that installed them.
 """
 
@@ -18,6 +21,8 @@ import torch.nn.functional as F
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import apply_rotary_emb
+
+from .scoring import attention_with_lse
 
 __all__ = ["JointTokenPruneProcessor", "FluxTokenPruneProcessor", "key_bias"]
 
@@ -108,12 +113,16 @@ class JointTokenPruneProcessor:
 
             # --- scoring (warm-up calls only): the mass image queries give each text key
             plan = self.pruning.current_plan
-            if plan is not None and plan.score:
-                self.pruning.score(image_query, key, bias, text_from=residual.shape[1])
+            scoring = plan is not None and plan.score
         else:
-            bias = None
+            bias, scoring = None, False
 
-        hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=0.0, is_causal=False)
+        if scoring:  # --- the same attention, with each query's log-sum-exp where the kernel returns it
+            hidden_states, lse = attention_with_lse(query, key, value, bias)
+            n = residual.shape[1]
+            self.pruning.score(image_query, key, bias, text_from=n, lse=lse[:, :, :n] if lse is not None else None)
+        else:
+            hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=0.0, is_causal=False)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
 
@@ -194,18 +203,25 @@ class FluxTokenPruneProcessor:
 
         # --- scoring (warm-up calls, double-stream blocks): the mass image queries give each text key
         plan = self.pruning.current_plan
-        if plan is not None and plan.score and encoder_hidden_states is not None:
+        scoring = plan is not None and plan.score and encoder_hidden_states is not None
+        lse = None
+        if scoring and self._attention_backend is None:  # --- the native attention, with each query's log-sum-exp
+            hidden_states, lse = attention_with_lse(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                                    attention_mask)
+            hidden_states = hidden_states.transpose(1, 2)  # (B, S, H, d)
+        else:
+            hidden_states = dispatch_attention_fn(
+                query,
+                key,
+                value,
+                attn_mask=attention_mask,
+                backend=self._attention_backend,
+                parallel_config=self._parallel_config,
+            )
+        if scoring:
             q, k = query.transpose(1, 2), key.transpose(1, 2)  # (B, H, S, d)
-            self.pruning.score(q[:, :, text_len:], k, attention_mask, text_from=0, text_to=text_len)
-
-        hidden_states = dispatch_attention_fn(
-            query,
-            key,
-            value,
-            attn_mask=attention_mask,
-            backend=self._attention_backend,
-            parallel_config=self._parallel_config,
-        )
+            self.pruning.score(q[:, :, text_len:], k, attention_mask, text_from=0, text_to=text_len,
+                               lse=lse[:, :, text_len:] if lse is not None else None)
         hidden_states = hidden_states.flatten(2, 3)
         hidden_states = hidden_states.to(query.dtype)
 

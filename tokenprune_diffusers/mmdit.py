@@ -227,11 +227,13 @@ class MMDiTTokenPruning(GenerationFollower):
                 HookRegistry.check_if_exists_or_initialize(denoiser).reset_stateful_hooks(recurse=True)
 
     def score(self, image_query: torch.Tensor, key: torch.Tensor, bias: torch.Tensor | None,
-              text_from: int, text_to: int | None = None) -> None:
+              text_from: int, text_to: int | None = None, lse: torch.Tensor | None = None) -> None:
         """Warm-up: add the mass the image queries (B, H, N, d) give each text key; ``key`` is
-        (B, H, S, d) over the joint sequence, its text keys ``text_from:text_to``."""
+        (B, H, S, d) over the joint sequence, its text keys ``text_from:text_to``; ``lse`` (B, H, N)
+        the image queries' log-sum-exp over every key, where the attention kernel returned it."""
         spread = self.stream.scatter if self.stream is not None else None
-        self._gen.accumulate(image_query, key, bias, self.config, text_from=text_from, text_to=text_to, spread=spread)
+        self._gen.accumulate(image_query, key, bias, self.config, text_from=text_from, text_to=text_to, spread=spread,
+                             lse=lse)
 
     def _other_text(self, info: CallInfo, text: torch.Tensor, kwargs: dict) -> bool:
         """The transformer got another text tensor in the middle of a generation (FluxPipeline's true

@@ -11,12 +11,14 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 __all__ = [
     "SPECIAL",
     "WORD",
     "PADDING",
     "attention_mass",
+    "attention_with_lse",
     "normalise_scores",
     "select_tokens",
     "kept_index",
@@ -41,12 +43,15 @@ def attention_mass(
     scale: float | None = None,
     keys_from: int = 0,
     keys_to: int | None = None,
+    lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Cross-attention probability mass each token receives, computed in chunks of image positions.
 
     The fused SDPA kernel never materialises the probabilities, so they are recomputed here, one
     chunk of queries at a time, in fp32: peak memory is ``chunk_elems`` elements, whatever the
-    resolution.
+    resolution. Given each query's log-sum-exp over every key (``lse``, what
+    :func:`attention_with_lse` returns), only the returned keys' logits are computed: in joint
+    attention, N x K of them instead of N x (N + K).
 
     Args:
         query: (B, H, N, d) queries.
@@ -58,6 +63,7 @@ def attention_mass(
         keys_from, keys_to: the softmax runs over every key, but only the keys ``keys_from:keys_to``
             are returned (joint attention: the text keys that are scored, after the image keys in
             SD3, before them in Flux).
+        lse: (B, H, N) log-sum-exp of each query's scaled, biased logits over all L keys, or None.
 
     Returns:
         mass: (B, L') mean probability per token over heads and positions, L' the returned keys
@@ -67,22 +73,63 @@ def attention_mass(
     B, H, N, d = query.shape  # (B, H, N, d)
     L = key.shape[-2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    key_t = key.float().transpose(-1, -2)  # (B, H, d, L)
-    step = max(1, chunk_elems // max(1, B * H * L))
     keys = slice(keys_from, L if keys_to is None else keys_to)
+    logit_keys = keys if lse is not None else slice(0, L)  # with the normaliser known, only the returned keys
+    if attn_bias is not None:
+        attn_bias = attn_bias[..., logit_keys]
+    key_t = key[..., logit_keys, :].float().transpose(-1, -2)  # (B, H, d, L'')
+    step = max(1, chunk_elems // max(1, B * H * key_t.shape[-1]))
     mass = torch.zeros(B, keys.stop - keys.start, dtype=torch.float32, device=query.device)  # (B, L')
     per_position = [] if with_positions else None
     for s in range(0, N, step):
-        logits = (query[:, :, s : s + step].float() @ key_t) * scale  # (B, H, c, L)
+        logits = (query[:, :, s : s + step].float() @ key_t) * scale  # (B, H, c, L'')
         if attn_bias is not None:
             bias = attn_bias if attn_bias.shape[-2] == 1 else attn_bias[..., s : s + step, :]
-            logits = logits + bias.float()  # (B, H, c, L)
-        probs_h = logits.softmax(dim=-1)[..., keys].sum(dim=1)  # (B, c, L')
+            logits = logits + bias.float()  # (B, H, c, L'')
+        if lse is None:
+            probs = logits.softmax(dim=-1)[..., keys]  # (B, H, c, L')
+        else:
+            probs = (logits - lse[:, :, s : s + step, None].float()).exp()  # (B, H, c, L')
+        probs_h = probs.sum(dim=1)  # (B, c, L')
         mass += probs_h.sum(dim=1)  # (B, L)
         if per_position is not None:
             per_position.append(probs_h)
     mass /= H * N
     return mass, (torch.cat(per_position, dim=1) if per_position is not None else None)
+
+
+def attention_with_lse(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``F.scaled_dot_product_attention(query, key, value, attn_mask=attn_bias)`` and, where the fused
+    kernel exposes it, each query's log-sum-exp over the keys, so that scoring need not recompute it.
+
+    On CPU this is the kernel that SDPA itself runs (``aten._scaled_dot_product_flash_attention_for_cpu``:
+    the same output, bit for bit); elsewhere, or where that kernel refuses the inputs, the output of
+    SDPA and None (then :func:`attention_mass` recomputes the normaliser). Under
+    ``sdpa_kernel`` without the flash backend, SDPA chooses as ever.
+
+    Args:
+        query, key, value: (B, H, S, d).
+        attn_bias: additive bias broadcastable to (B, H, S, S), or None.
+
+    Returns:
+        output: (B, H, S, d); lse: (B, H, S) fp32, or None.
+    """
+    # the fused kernel where SDPA would run it (``torch.nn.attention.sdpa_kernel`` may have ruled it out)
+    if query.device.type == "cpu" and _CPU_FLASH is not None and torch.backends.cuda.flash_sdp_enabled():
+        try:
+            output, lse = _CPU_FLASH(query, key, value, attn_mask=attn_bias)
+            return output, lse
+        except RuntimeError:  # inputs the fused kernel does not take: SDPA picks another
+            pass
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_bias), None
+
+
+try:  # the CPU kernel of F.scaled_dot_product_attention, which also returns the log-sum-exp
+    _CPU_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+except (AttributeError, RuntimeError):  # a torch without it: scoring recomputes the normaliser
+    _CPU_FLASH = None
 
 
 def normalise_scores(mass: torch.Tensor, roles: torch.Tensor) -> torch.Tensor:
