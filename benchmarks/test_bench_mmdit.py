@@ -51,3 +51,33 @@ def test_mmdit_pruning_speed(family, budget, results_dir):
     assert set(peaks) == set(short["loop_median_s"]) and min(peaks.values()) > 0
     if family == "sd3":  # the merge: 77 CLIP + 1 on every call of the merged and the warm-up calls of the pruned loop
         assert short["text_tokens"]["per_config"]["merged"] == [78] and pairs["text"]["merged"] == 78
+
+
+PAIRED_BUDGET = {"sd3": dict(steps=20, repeats=2, cache_threshold=None), "flux": dict(steps=5, repeats=1, cache_threshold=0.1)}
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_mmdit_paired_loops(family, budget, results_dir):
+    """Whole loops with every call paired with stock on its inputs (``mmdit_paired``): the loop
+    speed-ups with the machine's drift cancelled call by call; on Flux with FirstBlockCache rows."""
+    import mmdit_paired as mp
+
+    if budget == "smoke":
+        cfg, size, b = {"sd3": mb.TINY, "flux": mb.TINY_FLUX}[family], 64, dict(PAIRED_BUDGET[family], steps=3, repeats=1)
+    else:
+        cfg, size, b = mb.ARCHITECTURES[family], 512, PAIRED_BUDGET[family]
+    result = mp.paired(cfg, size, b["steps"], b["repeats"], family=family, cache_threshold=b["cache_threshold"],
+                       progress=(lambda s: None) if budget == "smoke" else print)
+    md = mp.to_markdown(result)
+    if budget == "full":
+        loop_target = TARGETS[family][0]
+        got = result["summary"]["pruned"]["loop_speedup"]
+        md += f"\nTarget (pruning alone): loop >= {loop_target}x: {got:.2f}x ({'met' if got >= loop_target else 'missed'}).\n"
+    print(md)
+    (results_dir / f"tokenprune_mmdit_{family}_paired.md").write_text(md)
+    (results_dir / f"tokenprune_mmdit_{family}_paired.json").write_text(json.dumps(result, indent=1))
+    summary = result["summary"]
+    assert set(summary) == set(mb.configs_of(family, b["cache_threshold"])) - {"stock"}
+    assert all(len(calls) == b["steps"] * b["repeats"] for calls in result["calls"].values())
+    assert max(summary["pruned"]["text_positions"]) < FULL_TEXT[family]
+    assert all(r["loop_speedup"] > 0 for r in summary.values())
