@@ -15,6 +15,8 @@ RecSys 2019), so the sampled softmax estimates the full one: (B, K) logits per s
 
 Embeddings are propagated over the user-item graph with sparse ops (LightGCN:
 ``z = mean_l (D^-1/2 A D^-1/2)^l h0``, ``num_layers`` hops; ``layer_weights`` for another mix).
+MCCL's denoising view (``denoise``): every edge's value is multiplied by a learned gate
+``2 sigmoid(<h_dst W_q, h_src W_k> / sqrt(d_att) + b[rating level])``, near 1 at the start.
 Regulariser: MCCL's augmented view -- the same propagation on a graph with ratings dropped
 (``edge_dropout``), pulled toward the clean view by a node-level InfoNCE (``view_weight``; SGL).
 ``recommend`` ranks by the mean cosine over ``ensemble`` seeds minus ``popularity_penalty * log q_i``
