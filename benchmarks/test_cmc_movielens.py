@@ -108,8 +108,19 @@ def _targets(cmc: dict, base: dict) -> dict:
                 out[f"{label} above {name}"] = gap(cmc[key], base[name][key], False)
     out["coverage@10 >= 24%"] = gap(cmc["coverage"], TARGETS["coverage"], False)
     out["RMSE <= 0.900"] = gap(cmc["rmse"], TARGETS["rmse"], True)
-    out["fit < 120 s"] = gap(cmc["fit_seconds"], TARGETS["fit_seconds"], True)
+    out["fit < 120 s (wall, as measured on the shared machine)"] = gap(cmc["fit_seconds"], TARGETS["fit_seconds"], True)
+    if "fit_cpu_seconds" in cmc:  # CPU seconds of the process: the wall time on idle cores, whatever the load
+        out[f"fit < 120 s (process CPU seconds, {cmc['fit_threads']} thread(s))"] = gap(
+            cmc["fit_cpu_seconds"], TARGETS["fit_seconds"], True)
     return out
+
+
+def _fit_note(cmc: dict) -> str:
+    """CMC's fit: wall and CPU seconds, threads and the machine's load average around it."""
+    load = cmc.get("load_average_1min")
+    return (f"CMC fit: {cmc['fit_seconds']:.1f} s wall, {cmc['fit_cpu_seconds']:.1f} s CPU of the process "
+            f"({cmc['fit_threads']} torch thread(s)); 1-min load average {load[0]:.1f} before, {load[1]:.1f} after "
+            "(other jobs share the 2 CPUs, so the wall seconds of every row depend on them).") if load else ""
 
 
 def _table(rows: dict) -> list[str]:
@@ -135,13 +146,15 @@ def test_ml100k_u1(budget, cmc_data, results_dir):
         show(f"tau={r['temperature']}", {k: r[k] for k in ("recall", "ndcg", "coverage", "fit_seconds")})
     cmc, svd = rows["cmc"], rows["svd"]
     targets = _targets(cmc, rows)
+    _ae = CMCConfig().autoencoder
     strongest = max(RANKING_BASELINES, key=lambda n: rows[n]["ndcg"] if n in rows else -1.0)
     md = ["## ML-100K, official u1 split (train u1.base, test u1.test)", ""] + _table(rows) + [
         "", "Rows: `cmc` is `CMCRecommender()` at its defaults: the InfoNCE ranking model ranks, the "
-        "autoencoder head (two members of 250 units) blended with damped biases predicts; weights (intercept, biases, "
+        f"autoencoder head ({_ae.ensemble} member(s) of {_ae.hidden} units) blended with damped biases predicts; "
+        "weights (intercept, biases, "
         "autoencoder) = " + ", ".join(f"{w:.3f}" for w in cmc["head_weights"])
         + "; fit seconds per part: " + ", ".join(f"{k} {v:.1f}" for k, v in cmc["timings"].items())
-        + ". Ranking-only baselines predict no rating (RMSE –).", "",
+        + ". Ranking-only baselines predict no rating (RMSE –).", "", _fit_note(cmc), "",
         "Hyper-parameters chosen on a 10% per-user validation carve of u1.base (NDCG@10; SVD by RMSE):", ""]
     md += [f"- {name}: {params}" for name, params in run["chosen"].items()]
     md += ["", "CMC temperature on the same carve (ranking model alone; the default is 0.2):", "",
@@ -201,14 +214,23 @@ def test_ml100k_5fold(budget, cmc_data, results_dir):
     summary = {m: {k: (float(np.mean([runs[f]["rows"][m][k] for f in folds])),
                        float(np.std([runs[f]["rows"][m][k] for f in folds]))) for k in keys} for m in models}
     mean = {m: {k: v[0] for k, v in s.items()} for m, s in summary.items()}
+    cmc_rows = [runs[f]["rows"]["cmc"] for f in folds]
+    if all("fit_cpu_seconds" in r for r in cmc_rows):
+        mean["cmc"] |= {"fit_cpu_seconds": float(np.mean([r["fit_cpu_seconds"] for r in cmc_rows])),
+                        "fit_threads": cmc_rows[0]["fit_threads"]}
     targets = _targets(mean["cmc"], mean)
     md = [f"## ML-100K, {len(folds)}-fold ({', '.join(folds)}), mean ± std", "",
           "| model | RMSE | MAE | Recall@10 | NDCG@10 | coverage@10 | fit s |", "|---|---|---|---|---|---|---|"]
     for m, s in summary.items():
         md.append(f"| {m} | " + " | ".join(f"{fmt(s[k][0])} ± {fmt(s[k][1])}" if np.isfinite(s[k][0]) else "–"
                                            for k in keys) + " |")
-    md += ["", "Baselines tuned on each fold's own training carve; chosen values per fold:", ""]
+    md += ["", "Baselines tuned on each fold's own training carve; chosen values per fold. `cmc` is "
+           "`CMCRecommender()` on every fold: its defaults were chosen on u1.base's validation carve only "
+           "(never re-tuned per fold, never on a test split).", ""]
     md += [f"- {f}: " + "; ".join(f"{n} {p}" for n, p in runs[f]["chosen"].items() if p) for f in folds]
+    md += ["", "CMC fit per fold: " + "; ".join(
+        f"{f} {r['fit_seconds']:.0f} s wall / {r.get('fit_cpu_seconds', float('nan')):.0f} s CPU (load "
+        + "-".join(f"{x:.1f}" for x in r.get("load_average_1min", [])) + ")" for f, r in zip(folds, cmc_rows)) + "."]
     md += ["", f"Surprise's documented SVD, 5-fold (claimed): RMSE {SURPRISE_SVD_5FOLD}", "",
            "Targets on the fold mean (default CMCRecommender()):", ""] + [f"- {k}: {v}" for k, v in targets.items()]
     write(results_dir, "movielens_5fold", budget, _command(budget),

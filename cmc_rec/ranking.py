@@ -15,6 +15,8 @@ RecSys 2019), so the sampled softmax estimates the full one: (B, K) logits per s
 
 Embeddings are propagated over the user-item graph with sparse ops (LightGCN:
 ``z = mean_l (D^-1/2 A D^-1/2)^l h0``, ``num_layers`` hops; ``layer_weights`` for another mix).
+MCCL's denoising view (``denoise``): every edge's value is multiplied by a learned gate
+``2 sigmoid(<h_dst W_q, h_src W_k> / sqrt(d_att) + b[rating level])``, near 1 at the start.
 Regulariser: MCCL's augmented view -- the same propagation on a graph with ratings dropped
 (``edge_dropout``), pulled toward the clean view by a node-level InfoNCE (``view_weight``; SGL).
 ``recommend`` ranks by the mean cosine over ``ensemble`` seeds minus ``popularity_penalty * log q_i``
@@ -57,6 +59,8 @@ class RankingConfig:
     view_weight: float = 0.0  # weight of the augmented-view InfoNCE (0: off)
     edge_dropout: float = 0.1  # share of ratings dropped in the augmented view
     view_nodes: int = 1024  # nodes per step in the view InfoNCE
+    denoise: bool = True  # MCCL's denoising view: each edge's propagation value scaled by a learned gate
+    attention_dim: int = 16  # d_att of the denoising gate's query / key projections
     negatives: int = 0  # 0: softmax over every item; K > 0: K popularity-sampled negatives per step, logQ-corrected
     init_std: float = 0.1  # h0 ~ N(0, init_std^2)
     layer_weights: tuple[float, ...] | None = None  # weights of hops 0..L in the output (None: the mean)
@@ -65,7 +69,7 @@ class RankingConfig:
     progress: bool | None = None  # tqdm bar over epochs; None: when stderr is a terminal
 
     def __post_init__(self) -> None:
-        for name in ("embedding_dim", "num_layers", "batch_size", "view_nodes", "ensemble"):
+        for name in ("embedding_dim", "num_layers", "batch_size", "view_nodes", "ensemble", "attention_dim"):
             check_number(f"RankingConfig.{name}", getattr(self, name), low=1, integer=True)
         for name in ("epochs", "negatives", "users_per_step"):
             check_number(f"RankingConfig.{name}", getattr(self, name), low=0, integer=True)
@@ -98,10 +102,24 @@ class RankingModel(nn.Module):
         counts = torch.bincount(graph.dst[graph.dst >= self.num_users] - self.num_users, minlength=self.num_items)
         self.register_buffer("item_q", (counts.float() + 1.0) / (counts.sum() + self.num_items), persistent=False)
         self.h0 = nn.Parameter(torch.randn(graph.num_nodes, config.embedding_dim, generator=g) * config.init_std)
+        if config.denoise:  # gate logits start near 0: the gate near 1, plain LightGCN
+            d, a = config.embedding_dim, config.attention_dim
+            self.query = nn.Parameter(torch.randn(d, a, generator=g) / d**0.5)
+            self.key = nn.Parameter(torch.randn(d, a, generator=g) / d**0.5)
+            self.level_bias = nn.Parameter(torch.zeros(graph.num_levels))  # (R,) one per rating level
+
+    def edge_gate(self) -> torch.Tensor:
+        """(2E,) MCCL's denoising weights ``2 sigmoid(<h_dst W_q, h_src W_k> / sqrt(d_att) + b[r_e])``."""
+        g = self.graph
+        q, k = self.h0 @ self.query, self.h0 @ self.key  # (N, d_att)
+        logits = (q[g.dst] * k[g.src]).sum(-1) / self.config.attention_dim**0.5 + self.level_bias[g.level]
+        return 2.0 * torch.sigmoid(logits)
 
     def propagate(self, keep: torch.Tensor | None = None) -> torch.Tensor:
         """(N, D) mean over hops 0..L of ``A_norm^l h0`` (on the kept edges when ``keep`` is given)."""
         values = self.graph.normalized_values(keep)
+        if self.config.denoise:
+            values = values * self.edge_gate()
         h, layers = self.h0, [self.h0]
         for _ in range(self.config.num_layers):
             h = self.graph.spmm(values, h, keep)
@@ -204,7 +222,8 @@ def _train_one(u: np.ndarray, i: np.ndarray, r: np.ndarray, num_users: int, num_
                c: RankingConfig, callback=None) -> RankingModel:
     from tqdm import tqdm  # plain tqdm: tqdm.auto probes for IPython / widgets, seconds of imports
 
-    graph = BipartiteGraph(u, i, np.zeros(len(u), dtype=np.int64), num_users, num_items, 1)
+    levels_raw, levels = np.unique(r, return_inverse=True)  # rating levels: the denoising gate's bias
+    graph = BipartiteGraph(u, i, levels.reshape(-1), num_users, num_items, len(levels_raw))
     model = RankingModel(graph, c)
     opt = torch.optim.Adam(model.parameters(), lr=c.lr)
     g = torch.Generator().manual_seed(c.seed + 1)

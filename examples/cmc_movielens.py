@@ -11,6 +11,7 @@ over all items and predicts ratings with the kernel-autoencoder head.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import numpy as np
@@ -26,6 +27,7 @@ from cmc_rec import (
     evaluate,
     load_movielens_100k_split,
 )
+from cmc_rec.cmc import default_autoencoder
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
                             autoencoder=AutoencoderConfig(hidden=16, num_hidden_layers=1, epochs=2, seed=args.seed))
     else:
         cmc_cfg = CMCConfig(ranking=RankingConfig(seed=args.seed, progress=True),
-                            autoencoder=AutoencoderConfig(hidden=250, ensemble=2, seed=args.seed))
+                            autoencoder=dataclasses.replace(default_autoencoder(), seed=args.seed))
     # EASE's lambda and SVD at Surprise's defaults; see benchmarks/ for the validation-tuned versions
     models = {"mean": MeanRecommender(), "svd": SVDRecommender(n_epochs=2 if args.smoke else None, seed=args.seed),
               "ease": EASE(reg=250.0), "cmc": CMCRecommender(cmc_cfg)}

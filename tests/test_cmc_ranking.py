@@ -233,6 +233,25 @@ def test_layer_weights_mix_the_hops_and_are_checked():
         RankingConfig(ensemble=0)
 
 
+def test_denoising_gate_starts_near_one_learns_per_rating_level_and_changes_training():
+    data = clustered()
+    fit = lambda **kw: CMCRecommender(CMCConfig(  # noqa: E731
+        ranking=tiny_ranking(min_rating=None, ensemble=1, **kw), autoencoder=None)).fit(data)
+    plain, untrained = fit(epochs=0, denoise=False), fit(epochs=0, denoise=True)
+    with torch.no_grad():  # before training the gate is 2 sigmoid(small): the propagation nearly LightGCN's
+        gate = untrained.ranker.edge_gate()
+        assert gate.shape == (untrained.ranker.graph.num_edges,) and torch.all((gate - 1).abs() < 0.2)
+        assert torch.allclose(untrained.ranker.h0, plain.ranker.h0)  # the gate's weights drawn after h0
+    model = fit(epochs=20, denoise=True).ranker
+    bias = model.level_bias.detach()  # one per rating level (1, 2, 4, 5 in the clustered data)
+    assert len(bias) == 4 and bias[:2].mean() < bias[2:].mean()  # the off-cluster low ratings gated down
+    users = [1, 2, 3]
+    assert not np.allclose(scores_of(fit(epochs=5, denoise=False), users), scores_of(fit(epochs=5, denoise=True), users))
+    assert RankingConfig().denoise  # the default (validation carve of u1.base)
+    with pytest.raises(ValueError, match="attention_dim"):
+        RankingConfig(attention_dim=0)
+
+
 def test_default_cmc_ranks_and_predicts_with_the_autoencoder_head():
     from cmc_rec import AutoencoderConfig
 
