@@ -55,6 +55,8 @@ def test_deepcache_frontier(budget, results_dir, request):
     assert table["stock"]["speedup"] == 1.0 and table["stock"]["latent_psnr_db"] == math.inf
     ours = [r for r in result["rows"] if r["group"] == "ours"]
     assert all(math.isfinite(r["latent_psnr_db"]) and math.isfinite(r["image_psnr_db"]) for r in ours)  # approximate
+    # near stock, far above the ~8-21 dB of unrelated trajectories (what DDIM's clip_sample=True gave every row)
+    assert result["setup"]["clip_sample"] is False and min(r["latent_psnr_db"] for r in ours) > 30
     assert any(r["group"] == "DeepCache pkg" for r in result["rows"]) == peer
     assert (reason is None) == peer and (reason is None or f"Skipped: {reason}." in md)
     front = df.frontier(result["rows"])
