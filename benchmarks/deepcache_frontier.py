@@ -110,14 +110,18 @@ def run(model: str, size: int, steps: int, repeats: int, rows: list[Row], seed: 
     from diffusers import DDIMScheduler
 
     pipe = uh.build(model, device, dtype, seed)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # the peer finds a step by its timestep
+    # DDIM: the peer finds a step by its timestep. from_config keeps the model's clip_sample (False in
+    # SD's published config and in our random-weight builds); DDIM's own default, True, clips the
+    # predicted x0 to [-1, 1] every step, which puts every perturbed row at ~8 dB (see benchmarks/README).
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     originals = pipe.unet.attn_processors
     prompt = uh.read_prompts(1)[0]
     timer = time.process_time if device == "cpu" else time.perf_counter
     seconds = {r.name: [] for r in rows}
     wall = {r.name: [] for r in rows}
     fidelity = {}
-    setup = dict(model=model, size=size, steps=steps, scheduler="DDIM", repeats=repeats, seed=seed, device=device,
+    setup = dict(model=model, size=size, steps=steps, scheduler="DDIM", clip_sample=bool(pipe.scheduler.config.clip_sample),
+                 repeats=repeats, seed=seed, device=device,
                  dtype=str(dtype).replace("torch.", ""), prompt=prompt,
                  clock="CPU seconds of the process (time.process_time)" if device == "cpu" else "wall clock")
 
@@ -192,8 +196,8 @@ def _db(x: float) -> str:
 def to_markdown(result: dict, skipped: list[str]) -> str:
     s = result["setup"]
     on = {r["row"] for r in frontier(result["rows"])}
-    lines = [f"### UNet speed vs fidelity: {s['model']}, {s['size']}x{s['size']}, {s['steps']} {s['scheduler']} steps, "
-             f"{s['device']} {s['dtype']}", "",
+    lines = [f"### UNet speed vs fidelity: {s['model']}, {s['size']}x{s['size']}, {s['steps']} {s['scheduler']} steps "
+             f"(clip_sample={s.get('clip_sample', 'not recorded')}), {s['device']} {s['dtype']}", "",
              f"One process, rows interleaved, {s['repeats']} repeat(s), seed {s['seed']}; seconds: {s.get('clock', 'wall clock')} "
              "(median; wall clock beside it on CPU); environment: "
              f"{json.dumps(result['environment'])}. PSNR against stock at the same seed (latents: peak = the range of "
@@ -261,12 +265,14 @@ def peer_available(model: str) -> tuple[bool, str | None]:
     return True, None
 
 
-# The full run's rows (SD layout: 12 skip branches, 0..11; our default is branch 2). Cut to fit
-# one 1-thread CPU run in about 90 minutes on a loaded machine: the peer at its default branch 0
-# and intervals 2, 3, 5, and ours gated + collapsed, aimed at each peer point. (Our DeepCache alone
-# at the peer's interval and branch gives the peer's output: tests/test_tokenprune_deepcache.py.)
+# The full run's rows (SD layout: 12 skip branches, 0..11; our default is branch 2), cut to fit one
+# 1-thread CPU run of about 35 minutes at 96 px on a loaded machine: the peer at its default branch 0 and
+# intervals 2, 3, 5; ours gated (pruning t=0.1) + collapsed, aimed at each peer point and at T-GATE.
+# (Our DeepCache alone at the peer's interval and branch gives the peer's output:
+# tests/test_tokenprune_deepcache.py.)
 FULL = dict(
-    ours=[Ours(2, 2, gate=0.4), Ours(4, 2, gate=0.4), Ours(4, 0, gate=0.4), Ours(3, 2, gate=0.5, start=0.5)],
+    ours=[Ours(2, 2, gate=0.4, start=0.5), Ours(2, 2, gate=0.4), Ours(3, 2, gate=0.4), Ours(4, 2, gate=0.4),
+          Ours(4, 0, gate=0.4)],
     peer=[(2, 0), (3, 0), (5, 0)],
 )
 
@@ -292,8 +298,12 @@ def main(argv=None) -> int:
     tgate = importlib.util.find_spec("tgate") is not None and args.model != "tiny"
     rows = rows_for(FULL["ours"], FULL["peer"] if peer else [], tgate)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    partial = Path(args.out + "_partial.json") if args.out else None  # the repeats done so far, if stopped
     result = run(args.model, args.size, args.steps, args.repeats, rows, device=device,
-                 dtype=torch.float16 if device == "cuda" else torch.float32, progress=lambda m: print(m, flush=True))
+                 dtype=torch.float16 if device == "cuda" else torch.float32, progress=lambda m: print(m, flush=True),
+                 on_repeat=(lambda r: partial.write_text(json.dumps(r, indent=1, default=str))) if partial else None)
+    if partial:
+        partial.unlink(missing_ok=True)
     md = to_markdown(result, [reason] if reason else [])
     print(md)
     if args.out:

@@ -116,3 +116,25 @@ def test_the_docs_show_every_preset():
 
     table = preset_table()
     assert all(f"`{name}`" in table for name in PRESETS) and table in presets.__doc__
+
+
+def test_every_preset_is_a_measured_row_on_the_frontier():
+    """The presets are read off the measured frontier: each is a row of ours there that no other row
+    (the peers' included) beats on both speed-up and latent PSNR, and its docs quote that row."""
+    import json
+    from pathlib import Path
+
+    result = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "deepcache_frontier_cpu_sd15-random_96.json"
+    rows = {r["row"]: r for r in json.loads(result.read_text())["rows"]}
+
+    def dominated(r):
+        return any(o is not r and o["speedup"] >= r["speedup"] and o["latent_psnr_db"] >= r["latent_psnr_db"]
+                   and (o["speedup"], o["latent_psnr_db"]) != (r["speedup"], r["latent_psnr_db"]) for o in rows.values())
+
+    for name, p in PRESETS.items():
+        c = p.cache
+        label = (f"ours gate {p.prune.gate:g} + collapse + DeepCache N={c.interval} branch {2 if c.branch is None else c.branch}"
+                 + (f" from {c.start:g}" if c.start else ""))
+        assert (p.prune.threshold, p.prune.warmup) == (0.1, p.prune.gate / 2)  # the benchmark's gated rows
+        assert label in rows and not dominated(rows[label]), name
+        assert f"{rows[label]['speedup']:.2f}x" in p.measured and f"{rows[label]['latent_psnr_db']:.1f} dB" in p.measured

@@ -32,3 +32,27 @@ def test_sd15_unet_pruned_equals_stock_with_the_pruned_tokens_masked(clip_tokeni
     assert step.layers == 16 and step.pruned
     assert max(step.kept_counts) < 77 and step.kept_counts[0] != step.kept_counts[1]
     torch.testing.assert_close(pruned, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_random_weight_pipelines_keep_sd_published_clip_sample_for_a_swapped_scheduler():
+    """SD's scheduler config says clip_sample=False; a DDIM swapped in with from_config must read it
+    (DDIM's own default, True, clips x0 to [-1, 1] and sends any perturbed generation elsewhere)."""
+    from diffusers import DDIMScheduler
+
+    from tokenprune_diffusers.models import SD15_SCHEDULER_CONFIG, tiny_pipeline
+
+    assert SD15_SCHEDULER_CONFIG["clip_sample"] is False
+    pipe = tiny_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    assert pipe.scheduler.config.clip_sample is False
+
+    def latents(scale: float) -> torch.Tensor:
+        x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        x = x + scale * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+        with torch.inference_mode():
+            return pipe("a cat", num_inference_steps=10, height=32, width=32, latents=x, output_type="latent").images
+
+    ref, near = latents(0.0), latents(1e-2)
+    assert float(ref.abs().max()) > 1.5  # random weights: x0 far beyond [-1, 1], where clipping would bite
+    assert float((near - ref).norm() / ref.norm()) < 0.05  # a 1% nudge of the noise stays a 1%-ish change

@@ -82,7 +82,11 @@ SD15_TEXT_CONFIG = dict(
     pad_token_id=49407,
 )
 
-# runwayml/stable-diffusion-v1-5, scheduler/scheduler_config.json (PNDM)
+# runwayml/stable-diffusion-v1-5, scheduler/scheduler_config.json (PNDM). ``clip_sample=False`` is
+# in the published file: PNDM ignores it, but a scheduler swapped in with ``from_config`` (DDIM,
+# whose own default is True) reads it. Clipping the predicted x0 to [-1, 1] at every step is wrong
+# for SD latents, and with random weights (x0 far beyond +-1) it makes any small change to the
+# noise prediction (DeepCache, gating) end in unrelated final latents (~8 dB against stock).
 SD15_SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000,
     beta_start=0.00085,
@@ -91,6 +95,7 @@ SD15_SCHEDULER_CONFIG = dict(
     set_alpha_to_one=False,
     skip_prk_steps=True,
     steps_offset=1,
+    clip_sample=False,
 )
 
 # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (2.6B parameters)
@@ -188,7 +193,7 @@ def _pipeline(unet_cfg: dict, vae_cfg: dict, text_cfg: dict, seed: int, dtype: t
         text_encoder=text_encoder.eval(),
         tokenizer=load_clip_tokenizer(),
         unet=unet,
-        scheduler=PNDMScheduler(**SD15_SCHEDULER_CONFIG),
+        scheduler=PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG),  # keeps clip_sample for a swap
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

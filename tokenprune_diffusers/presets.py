@@ -9,14 +9,14 @@ Guidance collapse works through the pipeline's ``callback_on_step_end``, which i
 time: pass ``**speedups.call_kwargs`` to every call (without it the pipeline keeps both guidance
 branches after the gate: slower, still correct).
 
-Where the values come from. They are the candidates aimed at the peers' points, measured in
-``benchmarks/test_bench_deepcache_frontier.py`` (SD-1.5 architecture, random weights, 256 px, 20
-DDIM steps, CFG 7.5, CPU float32, one thread, 3 interleaved repeats, CPU seconds; results in
-``benchmarks/results/deepcache_frontier_cpu_sd15-random_256.md``) beside the ``DeepCache``
-package (``cache_interval`` 2, 3, 5 at ``cache_branch_id=0``) and T-GATE 1.0.0 (gate at 40%).
-That run's speed-ups are below; its fidelity column is not valid (every row, the peers' too, came
-out at 7-9 dB against stock: a measurement fault under investigation), so the presets are NOT
-yet chosen by fidelity: treat them as provisional until the frontier is re-measured.
+Where the values come from: the frontier measured by ``benchmarks/deepcache_frontier.py``
+(SD-1.5 architecture, random weights, 96 px, 20 DDIM steps, CFG 7.5, CPU float32, one thread,
+3 interleaved repeats timed in CPU seconds; ``benchmarks/results/deepcache_frontier_cpu_sd15-random_96.md``)
+beside the ``DeepCache`` package (``cache_interval`` 2, 3, 5 at ``cache_branch_id=0``) and T-GATE
+1.0.0 (gate at 40%). Each preset is a row of ours on that frontier, faster than the peer point
+beside it and at least as faithful: ``faithful`` against T-GATE, ``balanced`` against the package
+at interval 3, ``fast`` against the package at interval 5 (1.06x its speed-up: short of the 1.10x
+the issue asks). Speed-up over stock and latent PSNR against stock (the peer point in brackets):
 
 PRESET_TABLE
 
@@ -61,11 +61,11 @@ def _preset(gate: float, interval: int, branch: int | None = None, start: float 
                   DeepCacheConfig(interval=interval, branch=branch, start=start), measured)
 
 
-# Provisional (see the module docstring): speed measured, fidelity not yet; branch None = DeepCache's default.
+# Rows of the measured frontier (see the module docstring); branch None = DeepCache's default.
 PRESETS: dict[str, Preset] = {
-    "faithful": _preset(0.5, 3, start=0.5, measured="1.54x; PSNR not valid in that run"),
-    "balanced": _preset(0.4, 4, measured="3.45x; PSNR not valid in that run"),
-    "fast": _preset(0.4, 4, branch=0, measured="5.12x; PSNR not valid in that run"),
+    "faithful": _preset(0.4, 2, start=0.5, measured="1.75x, 50.3 dB (T-GATE: 1.48x, 49.4 dB)"),
+    "balanced": _preset(0.4, 4, measured="4.23x, 44.0 dB (DeepCache pkg N=3: 2.93x, 42.6 dB)"),
+    "fast": _preset(0.4, 4, branch=0, measured="4.96x, 39.7 dB (DeepCache pkg N=5: 4.67x, 38.7 dB)"),
 }
 
 
