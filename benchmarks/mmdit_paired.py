@@ -29,6 +29,9 @@ from pathlib import Path
 import mmdit_bench as mb
 import torch
 
+# issue 14's targets at 512 px, short prompt, from pruning alone: (whole loop, each pruned call)
+TARGETS = {"sd3": (1.20, 1.25), "flux": (1.35, 1.45)}
+
 
 def _shadow(transformer, stock, calls: list, device: str):
     """Hooks on ``transformer`` that time each call and a ``stock`` call on its inputs, alternating
@@ -119,6 +122,13 @@ def to_markdown(result: dict) -> str:
     for config, r in result["summary"].items():
         lines.append(f"| {config} | {', '.join(map(str, r['text_positions']))} | {r['loop_speedup']:.2f}x | "
                      f"{', '.join(f'{x:.2f}x' for x in r['per_loop'])} | {r['call_speedup_median']:.2f}x |")
+    targets = TARGETS.get(s["family"]) if s["size"] == 512 and s["prompt"] == mb.SHORT_PROMPT else None
+    if targets is not None and "pruned" in result["summary"]:
+        pruned = result["summary"]["pruned"]
+        verdicts = [f"{what} >= {target:.2f}x: {got:.2f}x ({'met' if got >= target else f'missed by {target - got:.2f}'})"
+                    for what, target, got in zip(("loop", "pruned call (median)"), targets,
+                                                 (pruned["loop_speedup"], pruned["call_speedup_median"]))]
+        lines += ["", f"Targets (short prompt, 512 px, pruning alone): {'; '.join(verdicts)}."]
     return "\n".join(lines) + "\n"
 
 
