@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from mmdit_helpers import PROMPT, generate, text_lengths  # noqa: E402
+from mmdit_helpers import PROMPT, assert_kernel_scores_equal_recomputed, generate, text_lengths  # noqa: E402
 
 from tokenprune_diffusers import (  # noqa: E402
     TokenPruneProcessor,
@@ -189,12 +189,4 @@ def test_padding_drop_leaves_the_padding_out_from_the_first_call(pipe):
 def test_scores_from_the_attention_kernels_log_sum_exp_equal_recomputed_scores(pipe):
     """On CPU the scored calls take each query's normaliser from the attention kernel; under the
     math backend scoring recomputes it: the same scores (up to the two kernels' rounding)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    proc = apply_token_pruning(pipe, top_k=2, warmup=0.4)
-    generate(pipe)
-    fast, maps = proc.report.mass.clone(), {hw: m.clone() for hw, m in proc.report.maps.items()}
-    with sdpa_kernel(SDPBackend.MATH):
-        generate(pipe)
-    torch.testing.assert_close(proc.report.mass, fast, atol=1e-6, rtol=1e-4)
-    assert maps and all(torch.allclose(proc.report.maps[hw], m, atol=1e-5, rtol=1e-4) for hw, m in maps.items())
+    assert_kernel_scores_equal_recomputed(pipe)
