@@ -81,8 +81,7 @@ def paired(transformer_cfg: dict, size: int, steps: int, repeats: int, prompt: s
     for r in range(repeats):
         for config in configs if r % 2 == 0 else configs[::-1]:
             handles = _shadow(pipe.transformer, stock, calls[config], device)
-            with torch.inference_mode():
-                mb._generate(pipe, family, config, prompt, steps, size, seed, device, cache_threshold)
+            mb._generate(pipe, family, config, prompt, steps, size, seed, device, cache_threshold)  # in inference mode
             for h in handles:
                 h.remove()
             loop = calls[config][-steps:]

@@ -53,38 +53,23 @@ def test_demo_cli_default_is_the_embedded_toy_model(tmp_path):
     assert Image.open(tmp_path / "stock.png").size == (32, 32)
 
 
-def test_demo_cli_runs_the_sd3_toy(tmp_path):
-    pytest.importorskip("diffusers")
-    from tokenprune_diffusers.toy.sd3 import SD3_WEIGHTS_DIR
-
-    if not (SD3_WEIGHTS_DIR / "transformer.safetensors").is_file():
-        pytest.skip(f"SD3 toy weights not exported to {SD3_WEIGHTS_DIR}")
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "tokenprune_diffusers", "--toy-sd3", "--steps", "4", "--repeats", "1", "--padding", "drop",
-         "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, cwd=ROOT, env=env,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "model: embedded SD3-shaped toy model" in proc.stdout and "padding: 0/" in proc.stdout  # every padding position dropped
-    for name in ("stock.png", "pruned.png", "report.json"):
-        assert (tmp_path / name).is_file()
-
-
-def test_demo_cli_runs_the_flux_toy(tmp_path):
+@pytest.mark.parametrize("kind, label", [("sd3", "SD3-shaped"), ("flux", "Flux-shaped")])
+def test_demo_cli_runs_the_mmdit_toys(tmp_path, kind, label):
     pytest.importorskip("diffusers")
     from tokenprune_diffusers.toy.flux import FLUX_WEIGHTS_DIR
+    from tokenprune_diffusers.toy.sd3 import SD3_WEIGHTS_DIR
 
-    if not (FLUX_WEIGHTS_DIR / "transformer.safetensors").is_file():
-        pytest.skip(f"Flux toy weights not exported to {FLUX_WEIGHTS_DIR}")
+    weights = {"sd3": SD3_WEIGHTS_DIR, "flux": FLUX_WEIGHTS_DIR}[kind]
+    if not (weights / "transformer.safetensors").is_file():
+        pytest.skip(f"{kind} toy weights not exported to {weights}")
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "tokenprune_diffusers", "--toy-flux", "--steps", "4", "--repeats", "1", "--padding", "drop",
+        [sys.executable, "-m", "tokenprune_diffusers", f"--toy-{kind}", "--steps", "4", "--repeats", "1", "--padding", "drop",
          "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=600, cwd=ROOT, env=env,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "model: embedded Flux-shaped toy model" in proc.stdout and "padding: 0/" in proc.stdout  # every padding position dropped
+    assert f"model: embedded {label} toy model" in proc.stdout and "padding: 0/" in proc.stdout  # every padding position dropped
     for name in ("stock.png", "pruned.png", "report.json"):
         assert (tmp_path / name).is_file()
 

@@ -205,9 +205,9 @@ class FluxTokenPruneProcessor:
         plan = self.pruning.current_plan
         scoring = plan is not None and plan.score and encoder_hidden_states is not None
         lse = None
+        q, k = query.transpose(1, 2), key.transpose(1, 2)  # (B, H, S, d) views, for scoring
         if scoring and self._attention_backend is None:  # --- the native attention, with each query's log-sum-exp
-            hidden_states, lse = attention_with_lse(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                                                    attention_mask)
+            hidden_states, lse = attention_with_lse(q, k, value.transpose(1, 2), attention_mask)
             hidden_states = hidden_states.transpose(1, 2)  # (B, S, H, d)
         else:
             hidden_states = dispatch_attention_fn(
@@ -219,7 +219,6 @@ class FluxTokenPruneProcessor:
                 parallel_config=self._parallel_config,
             )
         if scoring:
-            q, k = query.transpose(1, 2), key.transpose(1, 2)  # (B, H, S, d)
             self.pruning.score(q[:, :, text_len:], k, attention_mask, text_from=0, text_to=text_len,
                                lse=lse[:, :, text_len:] if lse is not None else None)
         hidden_states = hidden_states.flatten(2, 3)
