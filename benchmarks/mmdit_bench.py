@@ -158,10 +158,11 @@ def _sync(device: str) -> None:
 
 
 def _options(pipe, family: str, prompt: str) -> dict[str, dict]:
-    """Token-pruning options of each configuration but stock and the cache alone."""
+    """Token-pruning options of each configuration but stock and the cache alone (``defaults``: the
+    library's, whose kept set on random weights says nothing; for the memory rows)."""
     n_words = _prompt_tokens(pipe, family, prompt) - (1 if family == "flux" else 2)
     pruned = dict(top_k=n_words, padding="drop", warmup=0.2)
-    return {"merged": dict(warmup=1.0), "pruned": pruned, "pruned+fbc": pruned}
+    return {"merged": dict(warmup=1.0), "pruned": pruned, "pruned+fbc": pruned, "defaults": {}}
 
 
 def _generate(pipe, family: str, config: str, prompt: str, steps: int, size: int, seed: int = 0, device: str = "cpu",

@@ -1,6 +1,7 @@
 """Token pruning on MM-DiTs (SD3-medium and FLUX.1-dev widths, random weights, reduced depth), measured.
 
     pytest benchmarks/test_bench_mmdit.py --benchmark -s        # 512 px, short prompt (CPU: SD3 ~15 min, Flux ~25 min)
+    pytest benchmarks/test_bench_mmdit.py --benchmark -s -k memory  # peak tensor memory (SD3 512 + 1024 px, Flux 512 px)
     pytest benchmarks/test_bench_mmdit.py --benchmark-smoke -s  # tiny transformers, 64 px, 3 steps (CI)
 
 The full budget runs SD3 loops of 20 steps and, because one Flux-width call at 512 px takes about
@@ -17,6 +18,7 @@ import pytest
 pytest.importorskip("diffusers")
 
 import mmdit_bench as mb  # noqa: E402
+import mmdit_memory as mm  # noqa: E402
 import mmdit_paired as mp  # noqa: E402
 from mmdit_paired import TARGETS  # noqa: E402
 
@@ -75,3 +77,49 @@ def test_mmdit_paired_loops(family, budget, results_dir):
     assert all(len(calls) == b["steps"] * b["repeats"] for calls in result["calls"].values())
     assert max(summary["pruned"]["text_positions"]) < FULL_TEXT[family]
     assert all(r["loop_speedup"] > 0 for r in summary.values())
+
+
+MEMORY_SIZES = {"sd3": [512, 1024], "flux": [512]}
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_mmdit_peak_memory(family, budget, results_dir):
+    """Peak tensor memory of a generation per configuration (``mmdit_memory``: exact allocation
+    counts), 5 steps: the scored warm-up call and four later ones."""
+    if budget == "smoke":
+        cfg, sizes = {"sd3": mb.TINY, "flux": mb.TINY_FLUX}[family], [64]
+    else:
+        cfg, sizes = mb.ARCHITECTURES[family], MEMORY_SIZES[family]
+    result = mm.run(family, sizes, 5, architecture=cfg)
+    md = mm.to_markdown(result)
+    print(md)
+    if budget == "full":
+        (results_dir / f"tokenprune_mmdit_{family}_memory.md").write_text(md)
+        (results_dir / f"tokenprune_mmdit_{family}_memory.json").write_text(json.dumps(result, indent=1))
+    for by in result["rows"].values():
+        assert set(by) == set(mm.CONFIGS[family])
+        assert all(len(r["call_bytes"]) == 5 and r["generation_bytes"] > 0 for r in by.values())
+        # a pruned call runs a shorter text stream: fewer activation bytes than stock's calls, exactly counted
+        assert by["pruned"]["later_calls_bytes"] < by["stock"]["later_calls_bytes"]
+        assert by["pruned"]["scored"] == [True] + [False] * 4 and not any(by["stock"]["scored"])
+
+
+def test_tensor_peak_counts_bytes_exactly(budget):
+    """``TensorPeak`` sees the allocations of the block, not the tensors that existed before it."""
+    import time
+
+    import torch
+    from peak_rss import TensorPeak
+
+    weights = torch.ones(256, 1024)  # 1 MiB, before the block: not counted
+    with TensorPeak() as peak:
+        t0 = time.time_ns()
+        a = torch.ones(512, 1024)  # 2 MiB
+        b = a * 2  # 2 MiB: 4 MiB live
+        del a, b
+        t1 = time.time_ns()
+        c = torch.ones(256, 1024) + weights  # 1 MiB + 1 MiB: 2 MiB live at the add
+        del c
+        t2 = time.time_ns()
+    close = lambda n, mib: abs(n - mib * 2**20) < 1024  # noqa: E731  (a few bytes of 0-d tensors besides)
+    assert close(peak.bytes(), 4) and close(peak.bytes(t0, t1), 4) and close(peak.bytes(t1, t2), 2)

@@ -94,6 +94,21 @@ def test_scores_with_the_zero_merge_equal_the_scores_without_it(pipe):
     assert torch.equal(merged.report.keep, keep)
 
 
+def test_heat_maps_are_summed_over_the_merged_stream_and_equal_the_unmerged_ones(pipe):
+    """The maps of the scored calls are held in the text stream's 78 slots, not the 333 positions
+    (the memory of a scored generation), and spread when read: the same maps as without the merge."""
+    options = dict(top_k=2, warmup=0.4)
+    plain = apply_token_pruning(pipe, merge_zeros=False, **options)
+    generate(pipe)
+    maps = [plain.report.token_maps(r) for r in range(2)]
+    merged = apply_token_pruning(pipe, **options)
+    generate(pipe)
+    assert {acc.shape[1] for acc in merged.report.maps.values()} == {78}
+    assert {acc.shape[1] for acc in plain.report.maps.values()} == {333}
+    for r in range(2):
+        torch.testing.assert_close(merged.report.token_maps(r), maps[r], atol=1e-7, rtol=1e-5)
+
+
 def test_the_text_stream_is_shortened_from_the_first_pruned_call(pipe):
     proc = apply_token_pruning(pipe, top_k=2, padding="drop", warmup=0.2)
     lengths, h = text_lengths(pipe)

@@ -143,14 +143,22 @@ class GenerationState:
         hw = _map_shape(query.shape[2], self.info.latent_hw) if config.record_maps else None
         mass, per_pos = attention_mass(query, key, mask, config.score_chunk, with_positions=hw is not None, scale=scale,
                                        keys_from=text_from, keys_to=text_to, lse=lse)
-        if spread is not None:
-            mass, per_pos = spread(mass), (spread(per_pos) if per_pos is not None else None)
-        rep.mass += mass
+        rep.mass += spread(mass) if spread is not None else mass
         rep.scored_layers += 1
-        if per_pos is not None:
-            m = per_pos.view(per_pos.shape[0], hw[0], hw[1], -1).permute(0, 3, 1, 2)  # (B, L, h, w)
-            rep.maps[hw] = rep.maps[hw] + m if hw in rep.maps else m.clone()
-            rep.map_counts[hw] = rep.map_counts.get(hw, 0) + query.shape[1]
+        if per_pos is None:
+            return
+        if rep.maps and spread != rep.map_scatter:  # the text stream changed: the sums so far to the L positions
+            rep.spread_maps()
+        if not rep.maps:
+            rep.map_scatter = spread  # the maps are summed in the stream's K slots, spread when read (a K/L of the memory)
+        elif rep.map_scatter is None and spread is not None:
+            per_pos = spread(per_pos)
+        m = per_pos.view(per_pos.shape[0], hw[0], hw[1], -1).permute(0, 3, 1, 2)  # (B, K or L, h, w)
+        if hw in rep.maps:
+            rep.maps[hw].add_(m)
+        else:
+            rep.maps[hw] = m.clone(memory_format=torch.contiguous_format)
+        rep.map_counts[hw] = rep.map_counts.get(hw, 0) + query.shape[1]
 
 
 class GenerationFollower:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -157,7 +158,9 @@ class PruneReport:
     keep: torch.Tensor | None = None  # (B, L) bool: tokens kept after the warm-up
     steps: list[StepRecord] = field(default_factory=list)
     flops_scope: str = "cross-attention"  # what the FLOPs count: "cross-attention" (UNet) or "transformer" (MM-DiT)
-    maps: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # (h, w) -> (B, L, h, w) sums
+    maps: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # (h, w) -> (B, L, h, w) sums, or
+    # (B, K, h, w) over the K slots of a gathered text stream (MM-DiT) while `map_scatter` is set: read token_maps
+    map_scatter: Callable[[torch.Tensor], torch.Tensor] | None = None  # (..., K) -> (..., L), or None
     map_counts: dict[tuple[int, int], int] = field(default_factory=dict)
 
     @property
@@ -242,6 +245,18 @@ class PruneReport:
     def pruned_words(self, row: int) -> list[str]:
         return self.words(row, self.pruned_positions(row))
 
+    def spread_maps(self) -> None:
+        """Turn maps summed over a gathered text stream's K slots into maps of the L positions (in place)."""
+        if self.map_scatter is not None:
+            self.maps = {hw: self._spread(acc) for hw, acc in self.maps.items()}
+            self.map_scatter = None
+
+    def _spread(self, acc: torch.Tensor) -> torch.Tensor:
+        """(B, K, h, w) slot sums -> (B, L, h, w) per position (identity without ``map_scatter``)."""
+        if self.map_scatter is None:
+            return acc
+        return self.map_scatter(acc.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
     def token_maps(self, row: int, size: tuple[int, int] | None = None) -> torch.Tensor | None:
         """(L, h, w) mean attention map of each token over the scored calls and layers."""
         if not self.maps:
@@ -250,7 +265,7 @@ class PruneReport:
         row = self.row_index(row)
         total = None
         for hw, acc in self.maps.items():
-            m = acc[row : row + 1] / self.map_counts[hw]  # (1, L, h, w)
+            m = self._spread(acc)[row : row + 1] / self.map_counts[hw]  # (1, L, h, w)
             m = F.interpolate(m, size=size, mode="bilinear", align_corners=False) if hw != size else m
             total = m if total is None else total + m
         return (total / len(self.maps))[0]  # (L, h, w)
