@@ -7,7 +7,8 @@ thread count).
     pytest benchmarks/test_cmc_fit_time.py --benchmark-smoke -s  # the smoke CMC (seconds)
 
 Run it on a quiet machine for the wall time: another job on the cores inflates the wall seconds
-(the load average is printed with them).  EASE's and ALS's rows come from the u1 table of the same
+(the load average is printed with them); on busy cores ``OMP_WAIT_POLICY=PASSIVE`` keeps the two
+threads from spin-waiting on each other (it changes no number but the seconds).  EASE's and ALS's rows come from the u1 table of the same
 results folder (benchmarks/results/cmc_movielens_u1.json) when it is there.
 Results: benchmarks/results/cmc_fit_time.md / .json (smoke: cmc_fit_time_smoke.*).
 """
@@ -60,7 +61,8 @@ def test_cmc_fit_time(budget, data_root, results_dir):
         md.append(f"| {n} | {r['fit_seconds']:.1f} | {r['fit_cpu_seconds']:.1f} | {r['load_average_1min'][0]:.1f} / "
                   f"{r['load_average_1min'][1]:.1f} | {r['rmse']:.4f} | {r['recall']:.4f} | {r['ndcg']:.4f} | "
                   f"{r['coverage']:.1%} | " + ", ".join(f"{k} {v:.1f}" for k, v in r["timings"].items()) + " |")
-    md += ["", f"{os.cpu_count()} CPUs. A load average above the fit's own thread count means other jobs shared the "
+    policy = os.environ.get("OMP_WAIT_POLICY", "unset (the OpenMP default: waiting threads spin)")
+    md += ["", f"{os.cpu_count()} CPUs; OMP_WAIT_POLICY {policy}. A load average above the fit's own thread count means other jobs shared the "
            "cores: the wall seconds are then an upper bound of a quiet fit's.", "", "Targets:", ""]
     targets = {f"fit < {TARGET_S:.0f} s wall with 2 threads": gap(rows[2]["fit_seconds"], TARGET_S, True)}
     for n, r in rows.items():

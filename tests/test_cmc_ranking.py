@@ -277,6 +277,15 @@ def test_default_cmc_ranks_and_predicts_with_the_autoencoder_head():
     assert set(alone.timings) == {"ranking"} and alone.user_autoencoder is None and alone.head_weights is None
     with pytest.raises(ValueError, match="user_based"):
         CMCConfig(user_autoencoder=ae)
+    # no validation carve to blend on: predict is the mean of the heads
+    from cmc_rec import TrainConfig
+
+    mean = CMCRecommender(CMCConfig(ranking=tiny_ranking(epochs=0), autoencoder=ae, user_autoencoder=user_ae,
+                                    train=TrainConfig(val_fraction=0.0))).fit(train)
+    heads = [mean.autoencoder, mean.user_autoencoder, mean.neighbors]
+    expected = np.clip(np.mean([h.predict(u[known], i[known]) for h in heads], 0), 1, 5)
+    assert mean.head_weights is None
+    assert np.allclose(mean.predict(test.users, test.items)[known], expected, atol=1e-5)
     assert catalog_coverage(cmc.recommend(np.unique(train.users), k=5)[0], len(np.unique(train.items))) > 0.3
     defaults = CMCConfig()
     assert defaults.rank_by == "ranking" and defaults.ranking is not None and defaults.autoencoder is not None
