@@ -55,7 +55,9 @@ RANKING_BASELINES = ("most_popular", "itemknn", "ease", "implicit_als", "implici
 def smoke_cmc() -> CMCConfig:
     """A tiny CMC for --benchmark-smoke: the default's parts at a budget of seconds."""
     return CMCConfig(ranking=RankingConfig(embedding_dim=16, epochs=1, ensemble=1, seed=SEED),
-                     autoencoder=AutoencoderConfig(hidden=16, num_hidden_layers=1, epochs=2, seed=SEED))
+                     autoencoder=AutoencoderConfig(hidden=16, num_hidden_layers=1, epochs=2, seed=SEED),
+                     user_autoencoder=AutoencoderConfig(hidden=16, num_hidden_layers=1, epochs=2, seed=SEED,
+                                                        user_based=True))
 
 
 def baseline_names() -> list[str]:
@@ -98,7 +100,8 @@ def run_split(train, test, budget: str, cmc: bool = True) -> dict:
         rows["cmc"] = score(model, train, test, wall) | {
             "fit_cpu_seconds": cpu, "fit_threads": torch.get_num_threads(),
             "load_average_1min": [load_before, os.getloadavg()[0]],
-            "timings": dict(model.timings), "head_weights": [float(w) for w in model.head_weights]}
+            "timings": dict(model.timings), "head_weights": [float(w) for w in model.head_weights],
+            "head_names": list(model.head_names)}
         chosen["cmc"] = "defaults" if budget == "full" else "smoke config"
         show("cmc", rows["cmc"], chosen["cmc"])
     return {"rows": rows, "chosen": chosen, "validation": validation}

@@ -149,10 +149,10 @@ def test_ml100k_u1(budget, cmc_data, results_dir):
     _ae = CMCConfig().autoencoder
     strongest = max(RANKING_BASELINES, key=lambda n: rows[n]["ndcg"] if n in rows else -1.0)
     md = ["## ML-100K, official u1 split (train u1.base, test u1.test)", ""] + _table(rows) + [
-        "", "Rows: `cmc` is `CMCRecommender()` at its defaults: the InfoNCE ranking model ranks, the "
-        f"autoencoder head ({_ae.ensemble} member(s) of {_ae.hidden} units) blended with damped biases predicts; "
-        "weights (intercept, biases, "
-        "autoencoder) = " + ", ".join(f"{w:.3f}" for w in cmc["head_weights"])
+        "", "Rows: `cmc` is `CMCRecommender()` at its defaults: the InfoNCE ranking model ranks; the "
+        f"item autoencoder ({_ae.ensemble} member(s) of {_ae.hidden} units), the user-based autoencoder and the "
+        "item kNN, blended with damped biases by least squares on a validation carve, predict; weights "
+        + ", ".join(f"{n} {w:.3f}" for n, w in zip(cmc["head_names"], cmc["head_weights"]))
         + "; fit seconds per part: " + ", ".join(f"{k} {v:.1f}" for k, v in cmc["timings"].items())
         + ". Ranking-only baselines predict no rating (RMSE –).", "", _fit_note(cmc), "",
         "Hyper-parameters chosen on a 10% per-user validation carve of u1.base (NDCG@10; SVD by RMSE):", ""]
@@ -244,12 +244,14 @@ def _monti_models(name: str, budget: str) -> dict:
         cmc = CMCConfig(ranking=None, graph_rating=True, rank_by="blend", embedding_dim=16, num_layers=1,
                         loss=LossConfig(contrast_batch=256),
                         train=TrainConfig(epochs=2, batch_size=200_000, view_nodes=128, seed=SEED),
-                        autoencoder=AutoencoderConfig(hidden=16, num_hidden_layers=1, epochs=2, seed=SEED))
+                        autoencoder=AutoencoderConfig(hidden=16, num_hidden_layers=1, epochs=2, seed=SEED),
+                        user_autoencoder=None, neighbors=None)
         return {"mean": MeanRecommender(), "svd": SVDRecommender(n_epochs=2, seed=SEED), "cmc+ae": CMCRecommender(cmc)}
     over = dict(MONTI_CMC[name])
     loss = LossConfig(l2=over.pop("l2")) if "l2" in over else LossConfig()
     cmc = CMCConfig(ranking=None, graph_rating=True, rank_by="blend", **over, loss=loss, train=TrainConfig(seed=SEED),
-                    autoencoder=AutoencoderConfig(**MONTI_AE[name], seed=SEED))
+                    autoencoder=AutoencoderConfig(**MONTI_AE[name], seed=SEED),
+                    user_autoencoder=None, neighbors=None)  # the ML-100K blend partners: not measured here
     return {"mean": MeanRecommender(), "svd": SVDRecommender(seed=SEED), "cmc+ae": CMCRecommender(cmc)}
 
 

@@ -35,6 +35,7 @@ from .data import (
 from .implicit_models import ImplicitALS, ImplicitBPR
 from .metrics import EvalResult, catalog_coverage, evaluate, mae, popularity_bias, recall_ndcg_at_k, rmse
 from .model import DEFAULT_TEMPERATURE, ContrastiveMatrixModel, LossConfig, info_nce
+from .neighbors import KNNBaselineRecommender, NeighborConfig
 from .ranking import RankingConfig, RankingModel
 from .recommender import PAD_ID, BaseRecommender, MeanRecommender, SVDConfig, SVDRecommender
 from .train import TrainConfig, Trainer, TrainResult, atomic_save
@@ -56,10 +57,12 @@ __all__ = [
     "ImplicitALS",
     "ImplicitBPR",
     "ItemKNN",
+    "KNNBaselineRecommender",
     "KernelAutoencoderRecommender",
     "LossConfig",
     "MeanRecommender",
     "MostPopular",
+    "NeighborConfig",
     "RankingConfig",
     "RankingModel",
     "RankingRecommender",

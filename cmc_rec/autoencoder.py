@@ -50,6 +50,7 @@ class AutoencoderConfig:
     patience: int = 8  # stop after this many epochs without a better validation RMSE
     val_fraction: float = 0.05  # validation split carved (seeded) out of the training ratings
     ensemble: int = 1  # average this many autoencoders (seeds seed, seed+1, ...; each its own validation carve)
+    user_based: bool = False  # reconstruct each user's row of ratings (U-AutoRec) instead of each item's column
     seed: int = 0
     progress: bool | None = None  # tqdm bar over each member's epochs; None: when stderr is a terminal
 
@@ -148,10 +149,16 @@ class KernelAutoencoderRecommender(BaseRecommender):
     def history(self) -> list[float]:  # first member's validation RMSE after each epoch
         return self.members[0].history
 
+    def _sides(self, u, i) -> tuple:
+        """(rows, columns, number of rows, of columns): items x users, or users x items when user-based."""
+        if self.config.user_based:
+            return u, i, self.n_users, self.n_items
+        return i, u, self.n_items, self.n_users
+
     def _matrix(self, u: np.ndarray, i: np.ndarray, r: np.ndarray) -> torch.Tensor:
-        idx = torch.as_tensor(np.stack([i, u]), dtype=torch.long)  # (2, E) rows = items
-        return torch.sparse_coo_tensor(idx, torch.as_tensor(r), (self.n_items, self.n_users),
-                                       check_invariants=True).coalesce()
+        rows, cols, n_rows, n_cols = self._sides(u, i)
+        idx = torch.as_tensor(np.stack([rows, cols]), dtype=torch.long)  # (2, E)
+        return torch.sparse_coo_tensor(idx, torch.as_tensor(r), (n_rows, n_cols), check_invariants=True).coalesce()
 
     def _fit(self, u, i, r) -> None:
         c = self.config
@@ -167,12 +174,13 @@ class KernelAutoencoderRecommender(BaseRecommender):
 
         c = dataclasses.replace(self.config, seed=seed)
         tr, va = holdout_indices(len(r), c.val_fraction, seed=seed)
-        inputs = self._matrix(u[tr], i[tr], r[tr])  # (I, U) sparse, the training graph
-        ti, tu = torch.as_tensor(i[tr]), torch.as_tensor(u[tr])
+        inputs = self._matrix(u[tr], i[tr], r[tr])  # (I, U) sparse, the training graph ((U, I) user-based)
+        rows, cols, _, n_cols = self._sides(u, i)
+        ti, tu = torch.as_tensor(rows[tr]), torch.as_tensor(cols[tr])
         target = torch.as_tensor(r[tr])
-        vi, vu, vr = torch.as_tensor(i[va]), torch.as_tensor(u[va]), torch.as_tensor(r[va])
+        vi, vu, vr = torch.as_tensor(rows[va]), torch.as_tensor(cols[va]), torch.as_tensor(r[va])
         lo, hi = (x / self._scale for x in self.rating_range)
-        model = KernelAutoencoder(self.n_users, c)
+        model = KernelAutoencoder(n_cols, c)
         opt = torch.optim.LBFGS(model.parameters(), max_iter=c.iters_per_epoch, history_size=10,
                                 line_search_fn="strong_wolfe")
 
@@ -216,13 +224,16 @@ class KernelAutoencoderRecommender(BaseRecommender):
         return _Member(codes, out_w, bias, best if len(va) else float("nan"), best_epoch, history)
 
     def _score(self, u, i):
-        u, i = torch.as_tensor(u), torch.as_tensor(i)
-        scores = [((m.codes[i] * m.out_w[:, u].T).sum(1) + m.bias[u]).numpy() for m in self.members]  # (n,) each
+        rows, cols, _, _ = self._sides(torch.as_tensor(u), torch.as_tensor(i))
+        scores = [((m.codes[rows] * m.out_w[:, cols].T).sum(1) + m.bias[cols]).numpy() for m in self.members]  # (n,)
         return np.mean(scores, 0) * self._scale
 
     def _score_all(self, u):
         u = torch.as_tensor(u)
-        scores = [(m.codes @ m.out_w[:, u] + m.bias[u]).T.numpy() for m in self.members]  # (B, I) each
+        if self.config.user_based:
+            scores = [(m.codes[u] @ m.out_w + m.bias).numpy() for m in self.members]  # (B, I) each
+        else:
+            scores = [(m.codes @ m.out_w[:, u] + m.bias[u]).T.numpy() for m in self.members]  # (B, I) each
         return np.mean(scores, 0) * self._scale
 
     def _user_bias(self, u):
@@ -236,9 +247,9 @@ class KernelAutoencoderRecommender(BaseRecommender):
 class _Member:
     """One fitted autoencoder, kept as what scoring needs: item codes, output weights and bias."""
 
-    codes: torch.Tensor  # (I, H)
-    out_w: torch.Tensor  # (H, U) effective (kernel-masked) decoder weight
-    bias: torch.Tensor  # (U,)
+    codes: torch.Tensor  # (I, H) ((U, H) user-based)
+    out_w: torch.Tensor  # (H, U) effective (kernel-masked) decoder weight ((H, I) user-based)
+    bias: torch.Tensor  # (U,) ((I,) user-based)
     val_rmse: float  # best validation RMSE, in units of r / scale (nan without a validation carve)
     best_epoch: int
     history: list[float]  # validation RMSE after each epoch

@@ -6,10 +6,13 @@ Two parts, both fitted by ``fit`` on the ratings it is given (never a test set):
   (:mod:`cmc_rec.ranking`, ``CMCConfig.ranking``); items are ranked by the cosine of the user's
   and the item's embedding.
 * **rating** (``predict``): the kernelised item autoencoder (:mod:`cmc_rec.autoencoder`,
-  ``CMCConfig.autoencoder``) and, optionally (``CMCConfig.graph_rating``), MCCL's graph model with
+  ``CMCConfig.autoencoder``) with its blend partners, a user-based autoencoder
+  (``CMCConfig.user_autoencoder``) and an item kNN on baseline residuals (:mod:`cmc_rec.neighbors`,
+  ``CMCConfig.neighbors``), and, optionally (``CMCConfig.graph_rating``), MCCL's graph model with
   its MSE rating head (denoising + variational views, :class:`ContrastiveMatrixModel`, early
   stopping on validation RMSE).  With the autoencoder, ``predict`` returns
-  ``w . (1, damped biases, graph head if fitted, autoencoder)`` with the weights fitted by least
+  ``w . (1, damped biases, graph head if fitted, autoencoder, user autoencoder, kNN)`` (``head_names``)
+  with the weights fitted by least
   squares on a seeded validation split carved out of the ratings (``TrainConfig.val_fraction``);
   the heads are fitted on the rest.  A lone graph model predicts with its own head.
 
@@ -33,6 +36,7 @@ from ._util import check_number
 from .autoencoder import AutoencoderConfig, KernelAutoencoderRecommender
 from .data import Ratings, holdout_indices
 from .model import ContrastiveMatrixModel, LossConfig
+from .neighbors import KNNBaselineRecommender, NeighborConfig
 from .ranking import RankingConfig, ranking_embeddings, train_ranking
 from .recommender import BaseRecommender, damped_biases
 from .train import TrainConfig, Trainer, TrainResult
@@ -41,18 +45,28 @@ RANK_BY = ("ranking", "blend", "preference", "rating")
 
 
 def default_autoencoder() -> AutoencoderConfig:
-    """The default rating head: three autoencoders of 250 units averaged, blended with the damped biases.
+    """The default item-based rating head: two kernel autoencoders of 250 units averaged.
 
-    Validation RMSE on u1.base's 10% per-user carve: 2 / 3 / 4 members 0.8865 / 0.8857 / 0.8855 (one of
-    500 units 0.8889); three, as the fourth's 0.0002 costs a quarter more autoencoder time.
+    With the user-based autoencoder and the item kNN beside it in the blend (validation RMSE on
+    u1.base's 10% per-user carve, docs/cmc_rec.md): biases + 3 item autoencoders 0.8857; 2 + the
+    user-based one + kNN 0.8811; 3 + both 0.8804, for a third more autoencoder time.
     """
-    return AutoencoderConfig(hidden=250, ensemble=3)
+    return AutoencoderConfig(hidden=250, ensemble=2)
+
+
+def default_user_autoencoder() -> AutoencoderConfig:
+    """The default user-based rating head (U-AutoRec): one kernel autoencoder of 250 units."""
+    return AutoencoderConfig(hidden=250, user_based=True)
 
 
 @dataclass
 class CMCConfig:
     ranking: RankingConfig | None = field(default_factory=RankingConfig)  # recommend()'s model (None: off)
-    autoencoder: AutoencoderConfig | None = field(default_factory=default_autoencoder)  # rating head
+    autoencoder: AutoencoderConfig | None = field(default_factory=default_autoencoder)  # item-based rating head
+    # the item autoencoder's partners in the rating blend (fitted only with `autoencoder`: None there
+    # turns the whole blend off): a user-based autoencoder and an item kNN on baseline residuals
+    user_autoencoder: AutoencoderConfig | None = field(default_factory=default_user_autoencoder)
+    neighbors: NeighborConfig | None = field(default_factory=NeighborConfig)
     graph_rating: bool = False  # also fit MCCL's graph model (MSE rating head; fields below) as a rating head
     rank_by: str = "ranking"  # "ranking" (the InfoNCE model above) or, with graph_rating, one of the graph model's
     # -- MCCL's graph model (graph_rating=True) ------------------------------------------------
@@ -79,6 +93,9 @@ class CMCConfig:
             raise ValueError(f"rank_by must be one of {RANK_BY}, got {self.rank_by!r}")
         if self.rank_by == "ranking" and self.ranking is None:
             raise ValueError("rank_by='ranking' needs CMCConfig.ranking (a RankingConfig), got None")
+        if self.user_autoencoder is not None and not self.user_autoencoder.user_based:
+            raise ValueError("CMCConfig.user_autoencoder must have user_based=True (the item-based one is "
+                             "CMCConfig.autoencoder)")
         if self.rank_by != "ranking" and not self.graph_rating:
             raise ValueError(f"rank_by={self.rank_by!r} ranks with the graph model: set graph_rating=True")
 
@@ -97,20 +114,21 @@ class CMCRecommender(BaseRecommender):
         self.result: TrainResult | None = None
         self.timings: dict[str, float] = {}  # seconds each head took to fit
 
-    def _parts(self) -> tuple[RankingConfig | None, AutoencoderConfig | None, TrainConfig]:
+    def _parts(self) -> tuple[RankingConfig | None, AutoencoderConfig | None, AutoencoderConfig | None, TrainConfig]:
         """The parts' configs, with ``CMCConfig.progress`` filled in where a part leaves it None."""
         c = self.config
 
         def fill(part):
             return part if part is None or part.progress is not None else dataclasses.replace(part, progress=c.progress)
 
-        return fill(c.ranking), fill(c.autoencoder), fill(c.train)
+        return fill(c.ranking), fill(c.autoencoder), fill(c.user_autoencoder), fill(c.train)
 
     def _fit(self, u, i, r) -> None:
         c, tc = self.config, self.config.train
-        ranking, autoencoder, _ = self._parts()
+        ranking, autoencoder, user_autoencoder, _ = self._parts()
         self.timings = {}  # seconds each part took to fit
         self.model, self.result, self.autoencoder, self.ranker, self.rankers = None, None, None, None, []
+        self.user_autoencoder, self.neighbors = None, None
         tr, va = holdout_indices(len(r), tc.val_fraction, seed=tc.seed)
         if c.ranking is not None:  # ranks from every rating: it has no validation-based choice to make
             start = time.perf_counter()
@@ -130,14 +148,22 @@ class CMCRecommender(BaseRecommender):
             # validation part are unknown to it and get its documented bias fallback
             self.autoencoder = KernelAutoencoderRecommender(autoencoder).fit(Ratings(u[tr], i[tr], r[tr]))
             self.timings["autoencoder"] = time.perf_counter() - start
+        if c.autoencoder is not None and c.user_autoencoder is not None:
+            start = time.perf_counter()
+            self.user_autoencoder = KernelAutoencoderRecommender(user_autoencoder).fit(Ratings(u[tr], i[tr], r[tr]))
+            self.timings["user autoencoder"] = time.perf_counter() - start
+        if c.autoencoder is not None and c.neighbors is not None:
+            start = time.perf_counter()
+            self.neighbors = KNNBaselineRecommender(c.neighbors).fit(Ratings(u[tr], i[tr], r[tr]))
+            self.timings["neighbors"] = time.perf_counter() - start
         self.head_weights = None
-        if len(va) and self.autoencoder is not None:  # a lone graph model predicts by itself
+        if len(va) and self._blended_heads():  # a lone graph model predicts by itself
             x = self._head_features(u[va], i[va])  # (V, F)
             self.head_weights = np.linalg.lstsq(x, r[va].astype(np.float64), rcond=None)[0]  # (F,)
 
     def _fit_graph(self, u, i, r, tr, va) -> None:
         """MCCL's graph model with its MSE rating head, early-stopped on the validation part."""
-        c, tc = self.config, self._parts()[2]
+        c, tc = self.config, self._parts()[3]
         levels_raw = np.unique(r)
         levels = np.searchsorted(levels_raw, r)  # rating value -> level index
         self.levels = levels_raw
@@ -153,7 +179,7 @@ class CMCRecommender(BaseRecommender):
         self.model.attach_graph(u[tr], i[tr], levels[tr])
         clip = tuple((x - self._shift) / self._scale for x in self.rating_range)
         graph_config = {f.name: getattr(c, f.name) for f in dataclasses.fields(c)
-                        if f.name not in ("ranking", "autoencoder", "rank_by", "blend_weight", "loss", "train", "progress")}
+                        if f.name not in ("ranking", "autoencoder", "user_autoencoder", "neighbors", "rank_by", "blend_weight", "loss", "train", "progress")}
         self.result = Trainer(tc, c.loss).fit(
             self.model, (u[tr], i[tr], rs[tr]), (u[va], i[va], rs[va]) if len(va) else None, clip=clip,
             context=graph_config,
@@ -178,8 +204,10 @@ class CMCRecommender(BaseRecommender):
         if self.model is None:
             raise ValueError("this CMCRecommender has no graph model: fit it with CMCConfig(graph_rating=True)")
         head = copy.copy(self)
-        head.config = dataclasses.replace(self.config, autoencoder=None, ranking=None, rank_by="blend")
+        head.config = dataclasses.replace(self.config, autoencoder=None, user_autoencoder=None, neighbors=None,
+                                          ranking=None, rank_by="blend")
         head.autoencoder, head.head_weights, head.ranker, head.rankers = None, None, None, []
+        head.user_autoencoder, head.neighbors = None, None
         head.timings = {"graph": self.timings["graph"]}
         return head
 
@@ -189,13 +217,25 @@ class CMCRecommender(BaseRecommender):
             pred = self.model.rating(self._z, torch.as_tensor(u), torch.as_tensor(i)).numpy()
         return pred.astype(np.float64) * self._scale + self._shift  # rating units
 
+    def _blended_heads(self) -> list[tuple[str, BaseRecommender]]:
+        """The fitted rating heads other than the graph model, in blend order."""
+        heads = (("autoencoder", self.autoencoder), ("user autoencoder", self.user_autoencoder),
+                 ("neighbors", self.neighbors))
+        return [(name, head) for name, head in heads if head is not None]
+
+    @property
+    def head_names(self) -> list[str]:
+        """Names of the columns ``head_weights`` weigh (fitted model)."""
+        self._require_fitted()
+        return ["intercept", "biases"] + ["graph"] * (self.model is not None) + [n for n, _ in self._blended_heads()]
+
     def _head_features(self, u, i) -> np.ndarray:
-        """(n, F) columns: 1, damped-bias baseline, graph head (if fitted), autoencoder (if fitted)."""
+        """(n, F) columns: 1, damped-bias baseline, graph head (if fitted), then every fitted head of
+        ``_blended_heads`` (item autoencoder, user autoencoder, kNN)."""
         cols = [np.ones(len(u)), self._bias_mean + self._biases[0][u] + self._biases[1][i]]
         if self.model is not None:
             cols.append(self._graph_rating(u, i))
-        if self.autoencoder is not None:
-            cols.append(self.autoencoder.predict(u, i).astype(np.float64))
+        cols += [head.predict(u, i).astype(np.float64) for _, head in self._blended_heads()]
         return np.stack(cols, 1)
 
     def _score(self, u, i):
@@ -203,8 +243,9 @@ class CMCRecommender(BaseRecommender):
             return self._head_features(u, i) @ self.head_weights
         if self.model is not None:
             return self._graph_rating(u, i)
-        if self.autoencoder is not None:
-            return self.autoencoder.predict(u, i).astype(np.float64)
+        heads = self._blended_heads()
+        if heads:  # no validation carve to blend on: the mean of the heads
+            return np.mean([head.predict(u, i).astype(np.float64) for _, head in heads], 0)
         return self._bias_mean + self._biases[0][u] + self._biases[1][i]
 
     def _score_all(self, u):

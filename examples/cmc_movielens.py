@@ -27,7 +27,7 @@ from cmc_rec import (
     evaluate,
     load_movielens_100k_split,
 )
-from cmc_rec.cmc import default_autoencoder
+from cmc_rec.cmc import default_autoencoder, default_user_autoencoder
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,10 +41,13 @@ def main(argv: list[str] | None = None) -> None:
     train, test = load_movielens_100k_split(args.split, args.data)
     if args.smoke:
         cmc_cfg = CMCConfig(ranking=RankingConfig(embedding_dim=16, epochs=1, ensemble=1, seed=args.seed),
-                            autoencoder=AutoencoderConfig(hidden=16, num_hidden_layers=1, epochs=2, seed=args.seed))
+                            autoencoder=AutoencoderConfig(hidden=16, num_hidden_layers=1, epochs=2, seed=args.seed),
+                            user_autoencoder=AutoencoderConfig(hidden=16, num_hidden_layers=1, epochs=2,
+                                                               seed=args.seed, user_based=True))
     else:
         cmc_cfg = CMCConfig(ranking=RankingConfig(seed=args.seed, progress=True),
-                            autoencoder=dataclasses.replace(default_autoencoder(), seed=args.seed))
+                            autoencoder=dataclasses.replace(default_autoencoder(), seed=args.seed),
+                            user_autoencoder=dataclasses.replace(default_user_autoencoder(), seed=args.seed))
     # EASE's lambda and SVD at Surprise's defaults; see benchmarks/ for the validation-tuned versions
     models = {"mean": MeanRecommender(), "svd": SVDRecommender(n_epochs=2 if args.smoke else None, seed=args.seed),
               "ease": EASE(reg=250.0), "cmc": CMCRecommender(cmc_cfg)}

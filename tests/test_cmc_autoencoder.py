@@ -105,3 +105,20 @@ def test_rating_scale_does_not_change_the_fit():
     pa, pb = a.predict(data[:30, 0], data[:30, 1]), b.predict(data[:30, 0], data[:30, 1])
     assert np.allclose(pb, 20 * pa, rtol=1e-4)
     assert b.val_rmse == pytest.approx(20 * a.val_rmse, rel=1e-4)
+
+
+def test_user_based_autoencoder_is_the_item_based_one_on_the_transposed_matrix():
+    data = low_rank_ratings()
+    cfg = AutoencoderConfig(**{**SMALL, "epochs": 3})
+    user = KernelAutoencoderRecommender(AutoencoderConfig(**{**SMALL, "epochs": 3}, user_based=True)).fit(data)
+    swapped = KernelAutoencoderRecommender(cfg).fit(data[:, [1, 0, 2]])  # users <-> items
+    assert user.members[0].codes.shape[0] == len(np.unique(data[:, 0]))  # one code per user
+    users, items = data[:40, 0], data[:40, 1]
+    assert np.allclose(user.predict(users, items), swapped.predict(items, users), atol=1e-5)
+    u, i = user.user_map.to_index(users), user.item_map.to_index(items)
+    assert np.allclose(user._score(u, i), user._score_all(u)[np.arange(40), i], atol=1e-5)
+    train, test = random_split(Ratings.from_any(data), 0.2, seed=0)
+    fitted = KernelAutoencoderRecommender(AutoencoderConfig(**SMALL, user_based=True)).fit(train)
+    mean = MeanRecommender().fit(train)
+    err = lambda m: np.sqrt(np.mean((m.predict(test.users, test.items) - test.ratings) ** 2))  # noqa: E731
+    assert err(fitted) < err(mean)

@@ -333,6 +333,7 @@ def test_cmc_fit_shows_progress_of_each_part_and_the_autoencoder_early_stop(caps
     cfg = CMCConfig(ranking=RankingConfig(embedding_dim=8, num_layers=1, epochs=2, batch_size=256),
                     autoencoder=AutoencoderConfig(hidden=8, num_hidden_layers=1, l2=1.0, epochs=40, patience=1,
                                                   val_fraction=0.2),
+                    user_autoencoder=AutoencoderConfig(hidden=8, num_hidden_layers=1, epochs=2, user_based=True),
                     progress=True)
     with caplog.at_level(logging.INFO, logger="cmc_rec"):
         CMCRecommender(cfg).fit(low_rank())

@@ -258,13 +258,38 @@ def test_default_cmc_ranks_and_predicts_with_the_autoencoder_head():
     data = clustered()
     train, test = per_user_split(data, 0.3, seed=0)
     ae = AutoencoderConfig(hidden=16, num_hidden_layers=1, l2=1.0, kernel_l2=0.01, epochs=5, patience=5)
-    cmc = CMCRecommender(dataclasses.replace(CMCConfig(ranking=tiny_ranking()), autoencoder=ae)).fit(train)
-    assert set(cmc.timings) == {"ranking", "autoencoder"} and len(cmc.head_weights) == 3  # 1, biases, ae
+    user_ae = dataclasses.replace(ae, user_based=True)
+    cmc = CMCRecommender(dataclasses.replace(CMCConfig(ranking=tiny_ranking()), autoencoder=ae,
+                                             user_autoencoder=user_ae)).fit(train)
+    assert set(cmc.timings) == {"ranking", "autoencoder", "user autoencoder", "neighbors"}
+    assert cmc.head_names == ["intercept", "biases", "autoencoder", "user autoencoder", "neighbors"]
+    assert len(cmc.head_weights) == 5 and cmc.user_autoencoder.config.user_based
+    # predict is the blend of the heads, each fitted on the part left after CMC's validation carve
+    u, i = cmc.user_map.to_index(test.users), cmc.item_map.to_index(test.items)
+    known = (u >= 0) & (i >= 0)
+    x = cmc._head_features(u[known], i[known])
+    assert np.allclose(x[:, 4], cmc.neighbors.predict(u[known], i[known]))
+    assert np.allclose(cmc.predict(test.users, test.items)[known], np.clip(x @ cmc.head_weights, 1, 5), atol=1e-5)
     res = evaluate(cmc, train, test, k=5)
     assert np.isfinite(res.rmse) and res.recall > 0.8
+    # without the item autoencoder there is no blend: its partners are not fitted either
+    alone = CMCRecommender(CMCConfig(ranking=tiny_ranking(), autoencoder=None, user_autoencoder=user_ae)).fit(train)
+    assert set(alone.timings) == {"ranking"} and alone.user_autoencoder is None and alone.head_weights is None
+    with pytest.raises(ValueError, match="user_based"):
+        CMCConfig(user_autoencoder=ae)
+    # no validation carve to blend on: predict is the mean of the heads
+    from cmc_rec import TrainConfig
+
+    mean = CMCRecommender(CMCConfig(ranking=tiny_ranking(epochs=0), autoencoder=ae, user_autoencoder=user_ae,
+                                    train=TrainConfig(val_fraction=0.0))).fit(train)
+    heads = [mean.autoencoder, mean.user_autoencoder, mean.neighbors]
+    expected = np.clip(np.mean([h.predict(u[known], i[known]) for h in heads], 0), 1, 5)
+    assert mean.head_weights is None
+    assert np.allclose(mean.predict(test.users, test.items)[known], expected, atol=1e-5)
     assert catalog_coverage(cmc.recommend(np.unique(train.users), k=5)[0], len(np.unique(train.items))) > 0.3
     defaults = CMCConfig()
     assert defaults.rank_by == "ranking" and defaults.ranking is not None and defaults.autoencoder is not None
+    assert defaults.user_autoencoder.user_based and defaults.neighbors is not None
 
 
 def test_config_errors_name_the_value():

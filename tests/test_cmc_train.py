@@ -148,7 +148,8 @@ def test_autoencoder_rating_head_blends_on_validation_and_keeps_ranking():
     train, test = random_split(Ratings.from_any(low_rank()), 0.2, seed=0)
     plain = CMCRecommender(small_config()).fit(train)
     ae_cfg = AutoencoderConfig(hidden=16, num_hidden_layers=1, l2=1.0, kernel_l2=0.01, epochs=10, patience=10)
-    hybrid = CMCRecommender(dataclasses.replace(small_config(), autoencoder=ae_cfg)).fit(train)
+    hybrid = CMCRecommender(dataclasses.replace(small_config(), autoencoder=ae_cfg, user_autoencoder=None,
+                                                neighbors=None)).fit(train)
     w0, w_bias, w1, w2 = hybrid.head_weights  # fitted on CMC's validation split
     u, i = hybrid.user_map.to_index(test.users), hybrid.item_map.to_index(test.items)
     known = (u >= 0) & (i >= 0)
