@@ -45,6 +45,7 @@ class Ours:
     schedule: str = "uniform"
     gate: float | None = None
     start: float = 0.0
+    label: str = ""  # e.g. "preset fast": shown before the settings in the row's name
 
     def row(self) -> Row:
         dc = dict(interval=self.interval, schedule=self.schedule, start=self.start)
@@ -53,10 +54,11 @@ class Ours:
         name = f"DeepCache N={self.interval}" + ("" if self.branch is None else f" branch {self.branch}")
         name += " non-uniform" if self.schedule == "nonuniform" else ""
         name += f" from {self.start:g}" if self.start else ""
+        ours = f"ours {self.label}: " if self.label else "ours "
         if self.gate is None:
-            return Row(f"ours {name}", "ours", uh.Config(name, None, deep_cache=dc))
+            return Row(f"{ours}{name}", "ours", uh.Config(name, None, deep_cache=dc))
         gate = dict(threshold=0.1, warmup=self.gate / 2, gate=self.gate)
-        return Row(f"ours gate {self.gate:g} + collapse + {name}", "ours",
+        return Row(f"{ours}gate {self.gate:g} + collapse + {name}", "ours",
                    uh.Config(f"gate {self.gate:g} + {name}", gate, collapse=True, deep_cache=dc))
 
 
@@ -277,12 +279,29 @@ FULL = dict(
 )
 
 
+def preset_rows() -> list[Ours]:
+    """The rows of the presets of ``tokenprune_diffusers.presets`` (read from there: one source)."""
+    from tokenprune_diffusers.presets import PRESETS
+
+    return [Ours(p.cache.interval, p.cache.branch, schedule=p.cache.schedule, gate=p.prune.gate, start=p.cache.start,
+                 label=f"preset {name}") for name, p in PRESETS.items()]
+
+
+# The 256 px run (issue 18; ~900 CPU-s a repeat, cut to fit a session on a loaded machine): the
+# presets' rows, a candidate at the peer's N=5 point (the non-uniform schedule at branch 0) and a more
+# faithful one at its N=2 point (a later gate), beside the peer at N=2, 3, 5 (branch 0) and T-GATE.
+CANDIDATES = [Ours(5, 0, schedule="nonuniform", gate=0.4), Ours(2, 2, gate=0.5)]
+ROW_SETS = {"full": lambda: FULL, "presets": lambda: dict(ours=preset_rows() + CANDIDATES, peer=FULL["peer"])}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="sd15-random")
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rows", default="full", choices=sorted(ROW_SETS),
+                    help="the row set: full (FULL, the 96 px run) or presets (the presets' rows + CANDIDATES)")
     ap.add_argument("--out", default=None, help="write <out>.md, <out>.json and <out>.png")
     ap.add_argument("--render", default=None, metavar="JSON",
                     help="run nothing: write the table and the plot of a result JSON beside it (same stem)")
@@ -296,7 +315,8 @@ def main(argv=None) -> int:
         return 0
     peer, reason = peer_available(args.model)
     tgate = importlib.util.find_spec("tgate") is not None and args.model != "tiny"
-    rows = rows_for(FULL["ours"], FULL["peer"] if peer else [], tgate)
+    chosen = ROW_SETS[args.rows]()
+    rows = rows_for(chosen["ours"], chosen["peer"] if peer else [], tgate)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     partial = Path(args.out + "_partial.json") if args.out else None  # the repeats done so far, if stopped
     result = run(args.model, args.size, args.steps, args.repeats, rows, device=device,

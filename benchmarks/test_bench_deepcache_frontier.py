@@ -62,3 +62,29 @@ def test_deepcache_frontier(budget, results_dir, request):
     assert (reason is None) == peer and (reason is None or f"Skipped: {reason}." in md)
     front = df.frontier(result["rows"])
     assert table["stock"] in front and all(r["row"] in md for r in result["rows"])
+
+
+def test_the_presets_row_set_runs_every_preset_and_the_toy_the_same_rows(budget):
+    """``--rows presets`` (the 256 px run): one row per preset of the library, read from it, plus the
+    candidates; the toy's adherence rows (toy_unet_presets.py) are the same configurations."""
+    import toy_unet_presets as toy
+
+    from tokenprune_diffusers.presets import PRESETS
+
+    chosen = df.ROW_SETS["presets"]()
+    by_label = {o.label: o for o in chosen["ours"] if o.label}
+    assert set(by_label) == {f"preset {name}" for name in PRESETS}
+    for name, p in PRESETS.items():
+        o = by_label[f"preset {name}"]
+        assert (o.interval, o.branch, o.schedule, o.gate, o.start) == (p.cache.interval, p.cache.branch, p.cache.schedule,
+                                                                        p.prune.gate, p.cache.start)
+        assert o.row().config.options == dict(threshold=p.prune.threshold, warmup=p.prune.warmup, gate=p.prune.gate)
+    assert all(c in chosen["ours"] for c in df.CANDIDATES) and chosen["peer"] == df.FULL["peer"]
+    settings = {s.label: s for s in toy.settings()}
+    for o in chosen["ours"]:
+        row = o.row()
+        s = settings[row.name.removeprefix("ours ")]
+        assert (s.prune, s.collapse, s.deep_cache) == (row.config.options, row.config.collapse, row.config.deep_cache)
+    assert [k for k in toy.PEER_INTERVALS] == [n for n, b in chosen["peer"]] and all(b == 0 for _, b in chosen["peer"])
+    with pytest.raises(SystemExit):
+        df.main(["--rows", "nope"])

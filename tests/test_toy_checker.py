@@ -56,3 +56,29 @@ def test_parse_caption_ignores_distractors():
 def test_bad_image_shape_is_refused():
     with pytest.raises(ValueError, match="32x32"):
         detect_regions(np.zeros((16, 16, 3)))
+
+
+def test_per_image_verdicts_are_the_all_correct_share_in_order():
+    data = ToyShapesDataset(seed=5, num_objects=1)
+    samples = [data[i] for i in range(6)]
+    objects = [s.objects for s in samples]
+    wrong = dataclasses.replace(objects[2][0], shape="square" if objects[2][0].shape != "square" else "circle")
+    objects[2] = (wrong,)
+    scores = score_images([s.image for s in samples], objects, per_image=True)
+    assert scores["all_per_image"] == [True, True, False, True, True, True]
+    assert scores["all"] == sum(scores["all_per_image"]) / 6
+    assert "all_per_image" not in score_images([s.image for s in samples], objects)  # only when asked
+
+
+def test_paired_difference_and_its_standard_error():
+    from tokenprune_diffusers.toy.evaluate import paired_difference
+
+    a = [True, True, False, True]
+    b = [True, False, False, False]
+    d, se = paired_difference(a, b)  # per-prompt differences 0, 1, 0, 1
+    assert d == 0.5 and se == pytest.approx(np.std([0, 1, 0, 1], ddof=1) / 2)
+    assert paired_difference(a, a) == (0.0, 0.0) and paired_difference([True], [False]) == (1.0, 0.0)
+    with pytest.raises(ValueError, match="same .non-zero. length, got 4 and 3"):
+        paired_difference(a, b[:3])
+    with pytest.raises(ValueError, match="got 0 and 0"):
+        paired_difference([], [])

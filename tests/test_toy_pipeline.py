@@ -61,5 +61,6 @@ def test_evaluation_runs_the_speed_settings_and_removes_them(toy_pipe):
     finally:
         handle.remove()
     assert [r["setting"] for r in rows] == [setting.label] * 2 and all(0 <= r["all"] <= 1 for r in rows)
+    assert all(len(r["all_per_image"]) == 2 and r["all"] == sum(r["all_per_image"]) / 2 for r in rows)  # for paired differences
     assert batches[:1] == [4] and batches[-1] == 2  # 2 prompts: CFG's 4 rows, then collapsed to 2
     assert get_token_pruning(toy_pipe) is None and get_deep_cache(toy_pipe) is None

@@ -175,12 +175,14 @@ def check_image(image, objects: tuple[ToyObject, ...] | str, min_area: int = 12)
     return result
 
 
-def score_images(images, objects_list, min_area: int = 12) -> dict[str, float]:
+def score_images(images, objects_list, min_area: int = 12, per_image: bool = False) -> dict:
     """Per-attribute and all-correct accuracy over a list of images and their asked objects (or captions).
 
     Returns:
         ``{"color", "shape", "size", "position"}``: share of asked objects right; ``"count"`` and
-        ``"all"``: share of images right; ``"n"``: number of images.
+        ``"all"``: share of images right; ``"n"``: number of images; with ``per_image``, also
+        ``"all_per_image"``: each image's all-correct verdict (a list of bools, in order: for
+        differences paired by prompt and seed between two settings).
     """
     images, objects_list = list(images), list(objects_list)
     if len(images) != len(objects_list) or not images:
@@ -197,4 +199,6 @@ def score_images(images, objects_list, min_area: int = 12) -> dict[str, float]:
     scores["count"] = float(np.mean(counts))
     scores["all"] = float(np.mean(alls))
     scores["n"] = len(images)
+    if per_image:
+        scores["all_per_image"] = [bool(a) for a in alls]
     return scores

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import time
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -31,7 +32,7 @@ from .checker import ATTRIBUTES, score_images
 from .data import COLORS, POSITIONS, SHAPES, SIZES, ToySample, ToyShapesDataset
 
 __all__ = ["EvalConfig", "Setting", "DEFAULT_SETTINGS", "SPEED_SETTINGS", "SD3_SETTINGS", "FLUX_SETTINGS", "KINDS", "evaluation_samples",
-           "generate", "evaluate", "markdown_table", "load_kind", "main"]
+           "generate", "evaluate", "paired_difference", "markdown_table", "load_kind", "main"]
 
 
 class Setting(NamedTuple):
@@ -236,7 +237,7 @@ def evaluate(pipe, config: EvalConfig, settings=DEFAULT_SETTINGS, progress: bool
         images = generate(pipe, captions, config, on_batch=on_batch, **extra)
         seconds = time.perf_counter() - start
         _reset(pipe)
-        scores = score_images(images, [s.objects for s in samples])
+        scores = score_images(images, [s.objects for s in samples], per_image=True)
         rows.append(
             dict(
                 setting=label,
@@ -256,6 +257,16 @@ def evaluate(pipe, config: EvalConfig, settings=DEFAULT_SETTINGS, progress: bool
         if on_row is not None:
             on_row(rows)
     return rows
+
+
+def paired_difference(a: list[bool], b: list[bool]) -> tuple[float, float]:
+    """All-correct share of ``a`` minus that of ``b`` over the same prompts and seeds (the rows'
+    ``all_per_image``), and its standard error (of the per-prompt differences; 0 when n < 2)."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired verdicts need two lists of the same (non-zero) length, got {len(a)} and {len(b)}")
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0
+    return float(d.mean()), se
 
 
 def markdown_table(rows: list[dict], kind: str = "unet") -> str:
