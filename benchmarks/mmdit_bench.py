@@ -506,10 +506,15 @@ def main(argv: list[str] | None = None) -> int:
     memory = {size: peak_memory(args.family, size, cache_threshold=args.cache_threshold) for size in args.size} if args.memory else {}
     md += "".join(memory_markdown(args.family, size, 2, peaks) for size, peaks in memory.items())
     print(md)
-    if args.out:
-        Path(args.out + ".json").write_text(json.dumps({"loops": results, "call_pairs": pairs, "peak_mb": memory}, indent=1))
-        Path(args.out + ".md").write_text(md)
+    write_out(args.out, {"loops": results, "call_pairs": pairs, "peak_mb": memory}, md)
     return 0
+
+
+def write_out(prefix: str | None, result: dict, md: str) -> None:
+    """``prefix``.json and ``prefix``.md of a CLI run (nothing without a prefix)."""
+    if prefix:
+        Path(prefix + ".json").write_text(json.dumps(result, indent=1))
+        Path(prefix + ".md").write_text(md)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,8 @@ and for the calls after them.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
-from pathlib import Path
 
 import mmdit_bench as mb
 import torch
@@ -115,9 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args.family, args.size, args.steps)
     md = to_markdown(result)
     print(md)
-    if args.out:
-        Path(args.out + ".json").write_text(json.dumps(result, indent=1))
-        Path(args.out + ".md").write_text(md)
+    mb.write_out(args.out, result, md)
     return 0
 
 

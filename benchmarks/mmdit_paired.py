@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import statistics
-from pathlib import Path
 
 import mmdit_bench as mb
 import torch
@@ -144,9 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                     cache_threshold=args.cache_threshold)
     md = to_markdown(result)
     print(md)
-    if args.out:
-        Path(args.out + ".json").write_text(json.dumps(result, indent=1))
-        Path(args.out + ".md").write_text(md)
+    mb.write_out(args.out, result, md)
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from cmc_helpers import low_rank_ratings
 
 from cmc_rec import AutoencoderConfig, KernelAutoencoderRecommender, MeanRecommender, Ratings, random_split
 from cmc_rec.autoencoder import KernelAutoencoder, KernelLinear
@@ -12,14 +13,6 @@ from cmc_rec.autoencoder import KernelAutoencoder, KernelLinear
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors (tests/conftest.py)
 
 SMALL = dict(hidden=16, num_hidden_layers=1, l2=1.0, kernel_l2=0.01, epochs=30, iters_per_epoch=5, patience=30)
-
-
-def low_rank_ratings(n_users=60, n_items=40, rank=3, density=0.5, seed=0):
-    rng = np.random.default_rng(seed)
-    u, i = rng.normal(size=(n_users, rank)), rng.normal(size=(n_items, rank))
-    full = np.clip(np.round(3 + 1.2 * (u @ i.T) / np.sqrt(rank)), 1, 5)
-    uu, ii = np.nonzero(rng.random((n_users, n_items)) < density)
-    return np.stack([uu * 7 + 100, ii * 3 + 5, full[uu, ii]], axis=1).astype(np.float64)
 
 
 def test_kernel_is_finite_support_and_matches_formula():

@@ -4,17 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from cmc_helpers import low_rank_ratings
 
 from cmc_rec import KNNBaselineRecommender, MeanRecommender, NeighborConfig, Ratings, random_split
 from cmc_rec.recommender import damped_biases
-
-
-def low_rank_ratings(n_users=60, n_items=40, rank=3, density=0.5, seed=0):
-    rng = np.random.default_rng(seed)
-    u, i = rng.normal(size=(n_users, rank)), rng.normal(size=(n_items, rank))
-    full = np.clip(np.round(3 + 1.2 * (u @ i.T) / np.sqrt(rank)), 1, 5)
-    uu, ii = np.nonzero(rng.random((n_users, n_items)) < density)
-    return np.stack([uu * 7 + 100, ii * 3 + 5, full[uu, ii]], axis=1).astype(np.float64)
 
 
 def rmse(model, test):
