@@ -32,7 +32,10 @@ class TensorPeak:
     allocation events (``profile_memory=True``): each event carries the allocator's running total.
     Weights and other tensors that exist before the block are not counted; what the block frees of
     them lowers the total. Unlike the peak RSS (tens of MB of noise from the allocator's and the
-    kernel's page handling), this is deterministic: the same work gives the same bytes.
+    kernel's page handling), this is deterministic: the same work gives the same bytes. ``bytes()`` counts from
+    the profiler's start, so it includes whatever else the process allocates meanwhile (inside the
+    full test suite, 107 KB more than the block's own, cause not traced); a window counts from its
+    own start.
 
         with TensorPeak() as peak:
             work()

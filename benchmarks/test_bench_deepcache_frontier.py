@@ -85,6 +85,11 @@ def test_the_presets_row_set_runs_every_preset_and_the_toy_the_same_rows(budget)
         row = o.row()
         s = settings[row.name.removeprefix("ours ")]
         assert (s.prune, s.collapse, s.deep_cache) == (row.config.options, row.config.collapse, row.config.deep_cache)
-    assert [k for k in toy.PEER_INTERVALS] == [n for n, b in chosen["peer"]] and all(b == 0 for _, b in chosen["peer"])
+    peers = [s.label for s in settings.values() if "peer" in s.label]
+    assert peers == [toy.peer_setting(n).label for n, b in chosen["peer"]] and all(b == 0 for _, b in chosen["peer"])
+    late = df.ROW_SETS["late-gate"]()  # the late-gate run: the toy runs the same rows, no T-GATE in the frontier
+    assert late["tgate"] is False and all(o.gate == 0.5 for o in late["ours"])
+    assert [s.label for s in toy.settings("late-gate")] == (
+        ["stock"] + [toy.peer_setting(n).label for n, _ in late["peer"]] + [o.row().name.removeprefix("ours ") for o in late["ours"]])
     with pytest.raises(SystemExit):
         df.main(["--rows", "nope"])

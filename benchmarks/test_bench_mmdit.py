@@ -103,3 +103,27 @@ def test_mmdit_peak_memory(family, budget, results_dir):
         assert by["pruned"]["later_calls_bytes"] < by["stock"]["later_calls_bytes"]
         assert by["pruned"]["scored"] == [True] + [False] * 4 and not any(by["stock"]["scored"])
 
+
+
+def test_tensor_peak_counts_the_bytes_of_a_window_exactly(budget):
+    """``TensorPeak`` windows see the allocations made in them, above the level at their start; not
+    the tensors that existed before. (The whole block's ``bytes()`` also counts what the process
+    allocated between the profiler's start and the work, e.g. other tests' threads: not asserted.)"""
+    import time
+
+    import torch
+    from peak_rss import TensorPeak
+
+    weights = torch.ones(256, 1024)  # 1 MiB, before the block: not counted
+    with TensorPeak() as peak:
+        t0 = time.time_ns()
+        a = torch.ones(512, 1024)  # 2 MiB
+        b = a * 2  # 2 MiB: 4 MiB live
+        del a, b
+        t1 = time.time_ns()
+        c = torch.ones(256, 1024) + weights  # 1 MiB + 1 MiB: 2 MiB live at the add
+        del c
+        t2 = time.time_ns()
+    close = lambda n, mib: abs(n - mib * 2**20) < 1024  # noqa: E731  (a few bytes of 0-d tensors besides)
+    assert close(peak.bytes(t0, t1), 4) and close(peak.bytes(t1, t2), 2), (peak.bytes(t0, t1), peak.bytes(t1, t2))
+    assert peak.bytes() >= peak.bytes(t0, t1)

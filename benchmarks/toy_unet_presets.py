@@ -2,6 +2,7 @@
 peer's algorithm (the frontier's second fidelity axis, issue 18):
 
     python benchmarks/toy_unet_presets.py --n 200 --out benchmarks/results/toy_unet_presets
+    python benchmarks/toy_unet_presets.py --n 200 --rows late-gate --out benchmarks/results/toy_unet_late_gate
 
 Rows: stock; DeepCache at interval 2, 3 and 5, branch 0 alone: the ``DeepCache`` package's
 algorithm at its default ``cache_branch_id=0`` (ours matches its images on SD layouts,
@@ -35,9 +36,8 @@ from tokenprune_diffusers.toy.evaluate import (
     paired_difference,
 )
 
-PEER_INTERVALS = (2, 3, 5)
 # DeepCache alone at interval 3 (no gate): ungated, the toy's most faithful candidate at the peer's N=2
-# point (not in the 256 px frontier run: it did not fit beside the rest)
+# point (not in the 256 px frontier run: it did not fit beside the rest); in the presets row set only
 TOY_ONLY = [df.Ours(3, 2)]
 WITHIN = 0.03  # the issue's target: all-correct within 3 points of stock where the peer is
 
@@ -48,12 +48,23 @@ def setting_of(row: df.Row) -> Setting:
     return Setting(row.name.removeprefix("ours "), c.options, collapse=c.collapse, deep_cache=c.deep_cache)
 
 
-def settings() -> list[Setting]:
-    ours = df.ROW_SETS["presets"]()["ours"] + TOY_ONLY
+def peer_setting(interval: int) -> Setting:
+    """The ``DeepCache`` package's algorithm at ``cache_interval`` and its default branch 0, run by ours."""
+    return Setting(f"DeepCache N={interval} branch 0 (the peer's algorithm)", None,
+                   deep_cache=dict(interval=interval, branch=0))
+
+
+def settings(rows: str = "presets") -> list[Setting]:
+    """The toy's rows for one of the frontier's row sets (``deepcache_frontier.ROW_SETS``): stock,
+    the peer's algorithm at the row set's intervals and our rows of that set."""
+    chosen = df.ROW_SETS[rows]()
+    intervals = [n for n, _ in chosen["peer"]]
+    if rows != "presets":
+        return [Setting("stock"), *map(peer_setting, intervals), *(setting_of(o.row()) for o in chosen["ours"])]
+    ours = chosen["ours"] + TOY_ONLY
     # the candidates aimed at the peer's N=2 point first (a later gate, DeepCache alone), then the presets
     ours = sorted(ours, key=lambda o: (o.gate is not None and o.gate < 0.5, o.label == "", o.interval))
-    peers = {k: Setting(f"DeepCache N={k} branch 0 (the peer's algorithm)", None, deep_cache=dict(interval=k, branch=0))
-             for k in PEER_INTERVALS}
+    peers = dict(zip(intervals, map(peer_setting, intervals)))
     # stock and the peer's N=2 point first, its N=5 point last: the rows that decide the target first
     mine = [setting_of(o.row()) for o in ours]
     return [Setting("stock"), peers[2], *mine[:2], peers[3], *mine[2:], peers[5]]
@@ -78,9 +89,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=200, help="prompts per object count")
     ap.add_argument("--out", required=True, help="write <out>.md and <out>.json")
+    ap.add_argument("--rows", default="presets", choices=sorted(df.ROW_SETS),
+                    help="the frontier's row set whose configurations to run (deepcache_frontier.ROW_SETS)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    rows_of = settings()
+    rows_of = settings(args.rows)
     config = EvalConfig.for_kind("unet", n=args.n)
     pipe = load_kind("unet")
     t0 = time.perf_counter()
