@@ -4,9 +4,10 @@ collapse), the `DeepCache` package and T-GATE when installed; one speed-fidelity
     pytest benchmarks/test_bench_deepcache_frontier.py --benchmark -s        # SD-1.5 architecture, random weights
     pytest benchmarks/test_bench_deepcache_frontier.py --benchmark-smoke -s  # tiny pipeline, seconds (CI)
 
-Full budget: 256 px, 20 DDIM steps, 3 repeats on CPU (512 px fp16, 5 repeats on a GPU); the published
-CPU run is at 96 px (``python benchmarks/deepcache_frontier.py --size 96 --out ...``: 256 px did not fit). Results:
-benchmarks/results/deepcache_frontier_*.{md,json,png}. Install the peers with
+Full budget: the presets row set (``deepcache_frontier.ROW_SETS["presets"]``: the library's presets,
+the candidates, the peer at N=2, 3, 5 and T-GATE), 256 px, 20 DDIM steps, 3 repeats on CPU (512 px
+fp16, 5 repeats on a GPU): the published run, ``python benchmarks/deepcache_frontier.py --rows presets
+--out results/deepcache_frontier_cpu_sd15-random_256``. Results: benchmarks/results/deepcache_frontier_*.{md,json,png}. Install the peers with
 ``pip install DeepCache==0.1.1 tgate==1.0.0``; without them their rows are skipped with the reason.
 """
 
@@ -30,7 +31,8 @@ def _setting(budget: str, model: str | None) -> dict:
                                                                  df.Ours(2, 0, gate=0.4, start=0.5)]
         return dict(model="tiny", size=32, steps=4, repeats=1, ours=ours, peer=[(2, 0)])
     gpu = torch.cuda.is_available()
-    return dict(model=model or "sd15-random", size=512 if gpu else 256, steps=20, repeats=5 if gpu else 3, **df.FULL)
+    return dict(model=model or "sd15-random", size=512 if gpu else 256, steps=20, repeats=5 if gpu else 3,
+                **df.ROW_SETS["presets"]())
 
 
 def test_deepcache_frontier(budget, results_dir, request):

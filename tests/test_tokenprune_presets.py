@@ -124,7 +124,9 @@ def test_every_preset_is_a_measured_row_on_the_frontier():
     import json
     from pathlib import Path
 
-    result = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "deepcache_frontier_cpu_sd15-random_96.json"
+    from tokenprune_diffusers.presets import FRONTIER_RUN
+
+    result = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / f"{FRONTIER_RUN}.json"
     rows = {r["row"]: r for r in json.loads(result.read_text())["rows"]}
 
     def dominated(r):
@@ -133,8 +135,8 @@ def test_every_preset_is_a_measured_row_on_the_frontier():
 
     for name, p in PRESETS.items():
         c = p.cache
-        label = (f"ours gate {p.prune.gate:g} + collapse + DeepCache N={c.interval} branch {2 if c.branch is None else c.branch}"
-                 + (f" from {c.start:g}" if c.start else ""))
+        label = (f"ours preset {name}: gate {p.prune.gate:g} + collapse + DeepCache N={c.interval}"  # the --rows presets names
+                 + ("" if c.branch is None else f" branch {c.branch}") + (f" from {c.start:g}" if c.start else ""))
         assert (p.prune.threshold, p.prune.warmup) == (0.1, p.prune.gate / 2)  # the benchmark's gated rows
         assert label in rows and not dominated(rows[label]), name
         assert f"{rows[label]['speedup']:.2f}x" in p.measured and f"{rows[label]['latent_psnr_db']:.1f} dB" in p.measured

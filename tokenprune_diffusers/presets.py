@@ -9,14 +9,21 @@ Guidance collapse works through the pipeline's ``callback_on_step_end``, which i
 time: pass ``**speedups.call_kwargs`` to every call (without it the pipeline keeps both guidance
 branches after the gate: slower, still correct).
 
-Where the values come from: the frontier measured by ``benchmarks/deepcache_frontier.py``
-(SD-1.5 architecture, random weights, 96 px, 20 DDIM steps, CFG 7.5, CPU float32, one thread,
-3 interleaved repeats timed in CPU seconds; ``benchmarks/results/deepcache_frontier_cpu_sd15-random_96.md``)
-beside the ``DeepCache`` package (``cache_interval`` 2, 3, 5 at ``cache_branch_id=0``) and T-GATE
-1.0.0 (gate at 40%). Each preset is a row of ours on that frontier, faster than the peer point
-beside it and at least as faithful: ``faithful`` against T-GATE, ``balanced`` against the package
-at interval 3, ``fast`` against the package at interval 5 (1.06x its speed-up: short of the 1.10x
-the issue asks). Speed-up over stock and latent PSNR against stock (the peer point in brackets):
+Where the values come from: the frontier measured by ``benchmarks/deepcache_frontier.py --rows presets``
+(SD-1.5 architecture, random weights, 256 px, 20 DDIM steps, CFG 7.5, CPU float32, one thread,
+3 interleaved repeats timed in CPU seconds; ``benchmarks/results/<FRONTIER_RUN>.md``) beside the
+``DeepCache`` package (``cache_interval`` 2, 3, 5 at ``cache_branch_id=0``) and T-GATE 1.0.0 (gate
+at 40%), and prompt adherence on the trained UNet toy (``benchmarks/toy_unet_presets.py``). Each
+preset is a row of ours on that frontier, at least as faithful as the peer point beside it and
+faster: ``faithful`` against T-GATE (and the package at interval 2, at 1.09x its speed; gate 0.5 +
+DeepCache N=2 at branch 1, ``Preset(TokenPruneConfig(threshold=0.1, warmup=0.25, gate=0.5),
+DeepCacheConfig(interval=2, branch=1))``, is 1.21x it at 47.4 dB against its 46.0), ``balanced``
+against the package at interval 3, ``fast`` against the package at interval 5. On the toy,
+``faithful`` and ``balanced`` keep two-object adherence within 3 points of stock (-1.5 and -2.5;
+branch 1: -3.0), as the package does at intervals 2 and 3; ``fast`` loses 8, the package at
+interval 5 19. The gate sits at 0.5 in the first two
+because a gate at 0.4 cost 4-8 points on the toy. Speed-up over stock and latent PSNR against stock
+(the peer point in brackets):
 
 PRESET_TABLE
 
@@ -55,17 +62,22 @@ class Preset:
             raise ValueError("a Preset needs a gate (TokenPruneConfig(gate=...)): guidance collapses there")
 
 
+FRONTIER_RUN = "deepcache_frontier_cpu_sd15-random_256"  # the presets' run (benchmarks/results/<run>.md)
+
+
 def _preset(gate: float, interval: int, branch: int | None = None, start: float = 0.0, measured: str = "") -> Preset:
     # pruning at the default threshold, scored over the first half of the steps before the gate
     return Preset(TokenPruneConfig(threshold=0.1, warmup=gate / 2, gate=gate),
                   DeepCacheConfig(interval=interval, branch=branch, start=start), measured)
 
 
-# Rows of the measured frontier (see the module docstring); branch None = DeepCache's default.
+# Rows of the measured frontier (see the module docstring). The branch is explicit: DeepCache's default
+# (the outer level) is branch 2 on SD and SDXL but 1 on a UNet of one resnet a level, such as the toy,
+# where branch 1 at N=5 cost 4.5 points of two-object adherence and branch 2 2.5.
 PRESETS: dict[str, Preset] = {
-    "faithful": _preset(0.4, 2, start=0.5, measured="1.75x, 50.3 dB (T-GATE: 1.48x, 49.4 dB)"),
-    "balanced": _preset(0.4, 4, measured="4.23x, 44.0 dB (DeepCache pkg N=3: 2.93x, 42.6 dB)"),
-    "fast": _preset(0.4, 4, branch=0, measured="4.96x, 39.7 dB (DeepCache pkg N=5: 4.67x, 38.7 dB)"),
+    "faithful": _preset(0.5, 2, branch=2, measured="2.01x, 48.7 dB (T-GATE: 1.40x, 48.2 dB)"),
+    "balanced": _preset(0.5, 5, branch=2, measured="3.17x, 42.9 dB (DeepCache pkg N=3: 2.53x, 40.9 dB)"),
+    "fast": _preset(0.4, 4, branch=0, measured="4.46x, 38.1 dB (DeepCache pkg N=5: 4.01x, 37.0 dB)"),
 }
 
 
