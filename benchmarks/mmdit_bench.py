@@ -159,10 +159,12 @@ def _sync(device: str) -> None:
 
 def _options(pipe, family: str, prompt: str) -> dict[str, dict]:
     """Token-pruning options of each configuration but stock and the cache alone (``defaults``: the
-    library's, whose kept set on random weights says nothing; for the memory rows)."""
+    library's, whose kept set on random weights says nothing; ``defaults, no maps``: the same without
+    the heat maps; for the memory rows)."""
     n_words = _prompt_tokens(pipe, family, prompt) - (1 if family == "flux" else 2)
     pruned = dict(top_k=n_words, padding="drop", warmup=0.2)
-    return {"merged": dict(warmup=1.0), "pruned": pruned, "pruned+fbc": pruned, "defaults": {}}
+    return {"merged": dict(warmup=1.0), "pruned": pruned, "pruned+fbc": pruned, "defaults": {},
+            "defaults, no maps": dict(record_maps=False)}
 
 
 def _generate(pipe, family: str, config: str, prompt: str, steps: int, size: int, seed: int = 0, device: str = "cpu",
