@@ -33,9 +33,9 @@ class TensorPeak:
     Weights and other tensors that exist before the block are not counted; what the block frees of
     them lowers the total. Unlike the peak RSS (tens of MB of noise from the allocator's and the
     kernel's page handling), this is deterministic: the same work gives the same bytes. ``bytes()`` counts from
-    the profiler's start, so it includes whatever else the process allocates meanwhile (inside the
-    full test suite, 107 KB more than the block's own, cause not traced); a window counts from its
-    own start.
+    the profiler's start and a window from its own start; both include whatever else the process
+    allocates meanwhile (inside the full test suite, 107-116 KB more than the work's own, cause not
+    traced).
 
         with TensorPeak() as peak:
             work()
