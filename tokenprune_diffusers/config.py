@@ -43,6 +43,7 @@ class TokenPruneConfig:
     top_k: int | None = _opt(None, "instead of threshold: keep the k best candidates", "rule")
     reuse_kv: bool = _opt(True, "project the (pruned) prompt to keys and values once per layer and generation: exact", "speed")
     merge_zeros: bool = _opt(True, "MM-DiT (SD3 without T5): the identical zero T5 positions run as one text position with log(n) added to its logit, from the first call: exact up to float rounding", "speed")
+    merge_padding: float | None = _opt(None, "MM-DiT: on the pruned calls, the positions after end-of-text whose inputs have cosine similarity >= this (in (0, 1]) run as one position, their mean, with log(n) added to its logit: approximate; apply_token_pruning sets the model family's measured value when not given", "speed")
     gate: float | None = _opt(None, "from this share of the steps on, reuse each layer's cross-attention output of the last computed call (T-GATE): approximate", "speed")
     min_tokens: int = _opt(1, "floor: at least this many words stay per prompt (best first), whatever the rule")
     padding: str = _opt("score", "positions after end-of-text: candidates like words (\"score\"), never pruned (\"keep\"), or always pruned (\"drop\"; on MM-DiTs from the first call)")
@@ -58,6 +59,10 @@ class TokenPruneConfig:
         for name in ("threshold", "keep_ratio", "gate"):
             if getattr(self, name) is not None:
                 check_unit(name, getattr(self, name))
+        if self.merge_padding is not None:
+            check_unit("merge_padding", self.merge_padding)
+            if self.merge_padding == 0:
+                raise ValueError("merge_padding must be in (0, 1] (None: no merge), got 0")
         check_unit("warmup", self.warmup)
         for name in ("reuse_kv", "merge_zeros", "record_maps"):
             if not isinstance(getattr(self, name), bool):

@@ -30,8 +30,9 @@ from .clock import CallInfo, attach_clock, detach_clock, get_clock
 from .config import RULES, TokenPruneConfig
 from .generation import GenerationFollower
 from .joint import FluxTokenPruneProcessor, JointTokenPruneProcessor
+from .merge import TextStream, identical_groups, similar_groups, text_stream
 from .report import JointDims, add_text_stream_flops
-from .scoring import PADDING, TextStream, gather_rows, text_stream
+from .scoring import PADDING
 
 __all__ = [
     "MMDiTTokenPruning",
@@ -58,6 +59,7 @@ class MMDiTFamily:
     dims: Callable[[Any], JointDims]  # the transformer's config -> what its FLOPs depend on
     image_tokens: Callable[[torch.Tensor, Any], int]  # (hidden_states, config) -> image tokens per row
     threshold: float | None = None  # the threshold when no rule is given (None: the library's, config.DEFAULT_THRESHOLD)
+    merge_padding: float | None = None  # merge_padding when not given (None: no merge)
 
 
 def _sd3_dims(c: Any) -> JointDims:
@@ -159,7 +161,7 @@ class MMDiTTokenPruning(GenerationFollower):
                 self.stream, self._merged_length = None, text.shape[1]
                 return
             kwargs["txt_ids"] = txt_ids[index[0].to(txt_ids.device)]  # (K, 3)
-        kwargs["encoder_hidden_states"] = gather_rows(text, index)  # (B, K, D): every block runs on K text positions
+        kwargs["encoder_hidden_states"] = stream.gather(text)  # (B, K, D): every block runs on K text positions
         self.text_length = index.shape[1]
         if stream.bias is not None:
             extra = dict(kwargs.get("joint_attention_kwargs") or {})
@@ -184,14 +186,16 @@ class MMDiTTokenPruning(GenerationFollower):
         if gen.stopped or gen.schedule is None:  # an unforeseen or unknown generation computes as stock
             return None
         index, _ = gen.kept(B)
-        key = (gen, index, text.data_ptr(), tuple(text.shape))  # the same on every call of a phase
+        pruned = gen.plan.prune and gen.report.keep is not None
+        key = (gen, index, pruned, text.data_ptr(), tuple(text.shape))  # the same on every call of a phase
         cached = self._stream_cache
         if cached is None or cached[0][0] is not gen or cached[0][1] is not index or cached[0][2:] != key[2:]:
-            cached = self._stream_cache = (key, *self._new_stream(gen, text, index))
+            cached = self._stream_cache = (key, *self._new_stream(gen, text, index, pruned))
         self._merged_length = cached[2]
         return cached[1]
 
-    def _new_stream(self, gen: Any, text: torch.Tensor, index: torch.Tensor | None) -> tuple[TextStream | None, int]:
+    def _new_stream(self, gen: Any, text: torch.Tensor, index: torch.Tensor | None,
+                    pruned: bool) -> tuple[TextStream | None, int]:
         """(stream, length): the stream, and the text length that the zero merge alone would run."""
         B, L = text.shape[:2]
         merged = L
@@ -200,18 +204,20 @@ class MMDiTTokenPruning(GenerationFollower):
             keep = gen.report.keep[-B:].to(index.device)  # (B, L) the decision's kept positions
         elif self.config.padding == "drop" and gen.schedule.prune_start is not None and gen.report.roles is not None:
             keep = gen.report.roles[-B:].to(text.device) != PADDING  # padding is dropped anyway: from the first call
-        zeros = None
+        rep = torch.arange(L, device=text.device).expand(B, L)  # (B, L) every position alone
+        zeros = torch.zeros(B, L, dtype=torch.bool, device=text.device)
         if self.family.zero_tail and self.config.merge_zeros:
-            zeros = (text == 0).all(dim=-1).to(index.device if index is not None else text.device)  # (B, L)
+            zeros = (text == 0).all(dim=-1)  # (B, L)
             merged = L - max(int(zeros.sum(1).min()) - 1, 0)  # the batch runs its longest row
+            rep = identical_groups(zeros, keep)
+        if pruned and self.config.merge_padding is not None and gen.report.roles is not None:
+            padding = (gen.report.roles[-B:].to(text.device) == PADDING) & ~zeros  # (B, L)
             if keep is not None:
-                zeros &= keep
-            if not bool((zeros.sum(1) > 1).any()):
-                zeros = None
-        if zeros is None and keep is None:
+                padding &= keep.to(text.device)
+            rep = torch.where(padding, similar_groups(text, padding, self.config.merge_padding), rep)
+        if keep is None and bool((rep == torch.arange(L, device=text.device)).all()):
             return None, merged
-        identical = zeros if zeros is not None else torch.zeros(B, L, dtype=torch.bool, device=keep.device)
-        return text_stream(identical, keep), merged
+        return text_stream(rep, keep), merged
 
     def on_call_end(self, info: CallInfo) -> None:
         """After the last warm-up call, decide the kept tokens; when the text stream shortens, reset
@@ -279,10 +285,13 @@ def family_of(pipe: Any) -> MMDiTFamily:
 
 def mmdit_config(pipe: Any, options: dict) -> TokenPruneConfig:
     """The options of ``apply_token_pruning`` on this pipeline: without a rule, the family's
-    threshold (:attr:`MMDiTFamily.threshold`) where it has one."""
+    threshold (:attr:`MMDiTFamily.threshold`) where it has one; without ``merge_padding``, the
+    family's (:attr:`MMDiTFamily.merge_padding`)."""
     family = family_of(pipe)
     if family.threshold is not None and not any(options.get(rule) is not None for rule in RULES):
         options = {**options, "threshold": family.threshold}
+    if "merge_padding" not in options:
+        options = {**options, "merge_padding": family.merge_padding}
     return TokenPruneConfig.from_options(**options)
 
 

@@ -8,7 +8,6 @@ positions may be pruned.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +26,6 @@ __all__ = [
     "additive_mask",
     "token_roles",
     "unknown_roles",
-    "TextStream",
-    "text_stream",
 ]
 
 SPECIAL, WORD, PADDING = 0, 1, 2  # start / end-of-text (always kept), prompt words, positions after end-of-text
@@ -299,67 +296,3 @@ def unknown_roles(batch: int, length: int, device: torch.device | None = None) -
     roles = torch.full((batch, length), WORD, dtype=torch.int8, device=device)
     roles[:, 0] = SPECIAL
     return roles
-
-
-@dataclass(frozen=True)
-class TextStream:
-    """The text positions a joint-attention call runs on, as gathered from the pipeline's L positions.
-
-    ``index`` (B, K): the gathered positions; ``bias`` (B, K) additive logit bias of each text key
-    (0; ``-inf`` on the padded slots of shorter rows; ``log(m)`` on a position that stands for m
-    identical ones), or None when every bias is 0; ``slot`` (B, L): the gathered slot each original
-    position is computed in (-1: left out); ``share`` (B, K): the part of a slot's attention mass
-    that each original position in it receives (1, or 1/m for a merged slot).
-    """
-
-    index: torch.Tensor
-    bias: torch.Tensor | None
-    slot: torch.Tensor
-    share: torch.Tensor
-
-    def scatter(self, mass: torch.Tensor) -> torch.Tensor:
-        """(B, ..., K) per-slot attention mass -> (B, ..., L) per original position (exact: m identical
-        keys each receive 1/m of what the one key with log(m) added to its logit receives)."""
-        slot = self.slot.clamp_min(0)  # (B, L)
-        per = (self.share.gather(1, slot) * (self.slot >= 0)).to(mass.dtype)  # (B, L)
-        lead = mass.shape[1:-1]
-        idx = slot.view(slot.shape[0], *([1] * len(lead)), -1).expand(*mass.shape[:-1], slot.shape[1])
-        return mass.gather(-1, idx) * per.view(per.shape[0], *([1] * len(lead)), -1)
-
-
-def text_stream(identical: torch.Tensor, keep: torch.Tensor | None = None) -> TextStream:
-    """The positions to run: the kept ones, with the identical positions of each row merged into one.
-
-    Attention over m identical keys (and values) equals attention over one of them with log(m)
-    added to its logit, and identical text positions stay identical through every joint block of an
-    MM-DiT whose text stream has no positional encoding (SD3): so the merge is exact.
-
-    Args:
-        identical: (B, L) bool, the positions whose inputs are identical within the row (SD3's zero
-            T5 positions without T5).
-        keep: (B, L) bool, the positions kept (None: all).
-
-    Returns:
-        A :class:`TextStream`; rows of different lengths are padded (``-inf`` bias on the slots).
-    """
-    B, L = identical.shape
-    keep = torch.ones_like(identical) if keep is None else keep
-    same = identical & keep  # (B, L)
-    m = same.sum(1)  # (B,)
-    first = same.int().argmax(1)  # (B,) the position that stands for the others
-    run = keep & ~same
-    run[torch.arange(B, device=keep.device), first] |= m > 0
-    index, valid = kept_index(run)  # (B, K)
-    K = index.shape[1]
-    valid = torch.ones(B, K, dtype=torch.bool, device=keep.device) if valid is None else valid
-    merged = (index == first[:, None]) & (m[:, None] > 0) & valid  # (B, K)
-    logm = torch.log(m.clamp_min(1).float())[:, None]  # (B, 1)
-    bias = torch.where(merged, logm, torch.zeros(()))
-    bias = bias.masked_fill(~valid, -math.inf)
-    share = torch.where(merged, 1.0 / m.clamp_min(1).float()[:, None], valid.float())  # (B, K)
-    slot = torch.full((B, L), -1, dtype=torch.long, device=keep.device)
-    rows = torch.arange(B, device=keep.device)[:, None].expand(B, K)
-    slot[rows[valid], index[valid]] = torch.arange(K, device=keep.device).expand(B, K)[valid]
-    slot = torch.where(same, slot.gather(1, first[:, None]).expand(B, L), slot)
-    has_bias = bool(merged.any()) or not bool(valid.all())
-    return TextStream(index=index, bias=bias if has_bias else None, slot=slot, share=share)

@@ -63,6 +63,12 @@ class _FluxTrainer(_SD3Trainer):
         )
         self.pipe = self.assemble((self.vae, self.text_encoder, self.text_encoder_2, self.transformer))
 
+    @staticmethod
+    def load_exported(folder: str | Path):
+        from .flux import load_flux_pipeline
+
+        return load_flux_pipeline(folder)
+
     def new_models(self):
         return build_flux_models(self.config.model, seed=self.config.seed, vae=self.vae)
 

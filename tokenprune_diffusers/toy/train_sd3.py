@@ -59,6 +59,7 @@ class SD3TrainConfig:
     ckpt_every: int = 200  # steps between checkpoints
     logit_mean: float = 0.0  # logit-normal timestep density: mean ...
     logit_std: float = 1.0  # ... and standard deviation of the logit
+    init_from: str | None = None  # an exported weights folder to start from (a fine-tuning stage); None: fresh
     model: SD3ToyConfig = field(default_factory=SD3ToyConfig)
     model_class: ClassVar[type] = SD3ToyConfig  # what a dict ``model`` (from a checkpoint) becomes
 
@@ -75,6 +76,11 @@ class SD3TrainConfig:
             raise ValueError(f"lr must be positive and finite, got {self.lr!r}")
         if isinstance(self.model, dict):
             self.model = type(self).model_class(**self.model)
+        if self.init_from is not None:
+            self.init_from = str(self.init_from)
+            if not (Path(self.init_from) / "config.json").is_file():
+                raise FileNotFoundError(f"init_from={self.init_from!r} is not an exported weights folder "
+                                        "(no config.json there)")
 
 
 class MultiplicityJointProcessor:
@@ -162,6 +168,24 @@ class _SD3Trainer:
         self.transformer.set_attn_processor(MultiplicityJointProcessor())
         self.clip_len = self.pipe.tokenizer_max_length
 
+    @staticmethod
+    def load_exported(folder: str | Path):
+        """The pipeline exported to ``folder`` (what ``init_from`` starts from)."""
+        from .sd3 import load_sd3_pipeline
+
+        return load_sd3_pipeline(folder)
+
+    def init_from_exported(self, folder: str | Path) -> None:
+        """Start from the weights exported to ``folder``: transformer and text encoders (the VAE is
+        this run's, frozen). The architecture must be this config's; a mismatch is refused."""
+        pipe = self.load_exported(folder)
+        for name in ("transformer", "text_encoder", "text_encoder_2"):
+            mine, theirs = getattr(self, name).state_dict(), getattr(pipe, name).state_dict()
+            if {k: v.shape for k, v in mine.items()} != {k: v.shape for k, v in theirs.items()}:
+                raise ValueError(f"init_from={str(folder)!r}: its {name} is not this run's architecture "
+                                 "(train with the model config it was exported with)")
+            getattr(self, name).load_state_dict(theirs)
+
     def new_models(self):
         """Fresh (vae, text_encoder, text_encoder_2, transformer) of this run's config (this run's VAE)."""
         return build_sd3_models(self.config.model, seed=self.config.seed, vae=self.vae)
@@ -181,6 +205,8 @@ class _SD3Trainer:
     def __init__(self, config: SD3TrainConfig, vae=None):
         self.config = config
         self.build(config, vae)
+        if config.init_from is not None:  # on resume, the checkpoint's weights replace these
+            self.init_from_exported(config.init_from)
         self.data = ToyShapesDataset(seed=config.seed, length=2**62)
         self.params = _trained_parameters(self.transformer, self.text_encoder, self.text_encoder_2)
         self.opt = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=0.0)
@@ -355,13 +381,17 @@ def flow_main(description: str, config_class: type, train_fn, export_fn, argv: l
     parser.add_argument("--lr", type=float, default=config_class.lr)
     parser.add_argument("--seed", type=int, default=config_class.seed)
     parser.add_argument("--ckpt-every", type=int, default=config_class.ckpt_every, help="steps between checkpoints")
+    parser.add_argument("--warmup-steps", type=int, default=config_class.warmup_steps)
+    parser.add_argument("--init-from", default=None,
+                        help="an exported weights folder to start from (a fine-tuning stage: new optimiser and EMA)")
     parser.add_argument("--tiny", action="store_true", help="the tiny test model instead of the default")
     parser.add_argument("--export", default=None, help="after training, export the EMA weights to this folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     model = config_class.model_class.tiny() if args.tiny else config_class.model_class()
     config = config_class(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                          ckpt_every=args.ckpt_every, model=model)
+                          ckpt_every=args.ckpt_every, warmup_steps=args.warmup_steps, init_from=args.init_from,
+                          model=model)
     run_cli(train_fn, export_fn, config, args)
 
 
