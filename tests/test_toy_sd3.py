@@ -173,3 +173,14 @@ def test_bad_kind_and_missing_weights_are_refused(tmp_path):
         load_toy_pipeline(tmp_path, kind="sd3")
     with pytest.raises(ValueError, match="'dit'"):
         EvalConfig.for_kind("dit")
+
+
+def test_a_fine_tuning_stage_starts_from_the_exported_weights(tmp_path, exported, pipe):
+    """init_from: step 0 of the new run holds the exported transformer (and the EMA starts there)."""
+    config = dataclasses.replace(TINY, steps=0, init_from=str(exported[0]))
+    trainer = train_sd3(config, tmp_path / "ft", progress=False)
+    for name, p in pipe.transformer.state_dict().items():
+        torch.testing.assert_close(trainer.transformer.state_dict()[name], p, rtol=0, atol=0)
+    torch.testing.assert_close(trainer.ema[0], trainer.params[0].detach(), rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError):
+        train_sd3(dataclasses.replace(TINY, init_from=str(tmp_path / "nowhere")), tmp_path / "bad", progress=False)

@@ -204,7 +204,8 @@ class MMDiTTokenPruning(GenerationFollower):
             keep = gen.report.keep[-B:].to(index.device)  # (B, L) the decision's kept positions
         elif self.config.padding == "drop" and gen.schedule.prune_start is not None and gen.report.roles is not None:
             keep = gen.report.roles[-B:].to(text.device) != PADDING  # padding is dropped anyway: from the first call
-        rep = torch.arange(L, device=text.device).expand(B, L)  # (B, L) every position alone
+        alone = torch.arange(L, device=text.device).expand(B, L)  # (B, L) every position standing for itself
+        rep = alone
         zeros = torch.zeros(B, L, dtype=torch.bool, device=text.device)
         if self.family.zero_tail and self.config.merge_zeros:
             zeros = (text == 0).all(dim=-1)  # (B, L)
@@ -215,7 +216,7 @@ class MMDiTTokenPruning(GenerationFollower):
             if keep is not None:
                 padding &= keep.to(text.device)
             rep = torch.where(padding, similar_groups(text, padding, self.config.merge_padding), rep)
-        if keep is None and bool((rep == torch.arange(L, device=text.device)).all()):
+        if keep is None and bool((rep == alone).all()):
             return None, merged
         return text_stream(rep, keep), merged
 

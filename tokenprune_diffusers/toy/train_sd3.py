@@ -78,9 +78,6 @@ class SD3TrainConfig:
             self.model = type(self).model_class(**self.model)
         if self.init_from is not None:
             self.init_from = str(self.init_from)
-            if not (Path(self.init_from) / "config.json").is_file():
-                raise FileNotFoundError(f"init_from={self.init_from!r} is not an exported weights folder "
-                                        "(no config.json there)")
 
 
 class MultiplicityJointProcessor:
@@ -177,7 +174,8 @@ class _SD3Trainer:
 
     def init_from_exported(self, folder: str | Path) -> None:
         """Start from the weights exported to ``folder``: transformer and text encoders (the VAE is
-        this run's, frozen). The architecture must be this config's; a mismatch is refused."""
+        this run's, frozen), the EMA restarting from them. The architecture must be this config's;
+        a mismatch, or a folder without the exported files, is refused."""
         pipe = self.load_exported(folder)
         for name in ("transformer", "text_encoder", "text_encoder_2"):
             mine, theirs = getattr(self, name).state_dict(), getattr(pipe, name).state_dict()
@@ -185,6 +183,7 @@ class _SD3Trainer:
                 raise ValueError(f"init_from={str(folder)!r}: its {name} is not this run's architecture "
                                  "(train with the model config it was exported with)")
             getattr(self, name).load_state_dict(theirs)
+        self.ema = [p.detach().clone() for p in self.params]
 
     def new_models(self):
         """Fresh (vae, text_encoder, text_encoder_2, transformer) of this run's config (this run's VAE)."""
@@ -205,8 +204,6 @@ class _SD3Trainer:
     def __init__(self, config: SD3TrainConfig, vae=None):
         self.config = config
         self.build(config, vae)
-        if config.init_from is not None:  # on resume, the checkpoint's weights replace these
-            self.init_from_exported(config.init_from)
         self.data = ToyShapesDataset(seed=config.seed, length=2**62)
         self.params = _trained_parameters(self.transformer, self.text_encoder, self.text_encoder_2)
         self.opt = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=0.0)
@@ -323,6 +320,8 @@ def train_flow(cls: type, config, out: str | Path, progress: bool = True, stop_a
         trainer = _trainer_from_state(cls, state, steps=config.steps, ckpt_every=config.ckpt_every)
     else:
         trainer = cls(config)
+        if config.init_from is not None:  # a fresh fine-tuning stage (a resumed one has its weights)
+            trainer.init_from_exported(config.init_from)
     return run_loop(trainer, out, trainer.config.ckpt_every, progress=progress, stop_after=stop_after)
 
 
