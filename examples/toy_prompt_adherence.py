@@ -48,6 +48,8 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.3)
     parser.add_argument("--warmup", type=float, default=0.2)
     parser.add_argument("--padding", choices=("score", "keep", "drop"), default="score", help="padding policy")
+    parser.add_argument("--merge-padding", type=float, default=None,
+                        help="MM-DiT toys: merge_padding (default: the model family's, see mmdit.FAMILIES)")
     parser.add_argument("--weights", default=None, help="weights folder (default: the package's)")
     parser.add_argument("--out", default="outputs/toy_adherence", help="folder for the picture grid")
     args = parser.parse_args()
@@ -58,6 +60,9 @@ def main() -> None:
     config = EvalConfig.for_kind(args.toy, n=n, steps=steps, batch_size=min(n, 50))  # the toy's guidance, default seed
     options = dict(threshold=args.threshold, warmup=args.warmup, padding=args.padding)
     pruned = f"threshold {args.threshold}, warmup {args.warmup}" + ("" if args.padding == "score" else f", padding {args.padding}")
+    if args.merge_padding is not None:
+        options["merge_padding"] = args.merge_padding
+        pruned += f", merge padding {args.merge_padding}"
     settings = (("stock", None), (pruned, options))
     print(markdown_table(evaluate(pipe, config, settings=settings, progress=False), kind=args.toy))
 

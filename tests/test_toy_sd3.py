@@ -154,9 +154,12 @@ def test_pruning_runs_and_shortens_the_text_stream(pipe):
 def test_evaluate_reports_the_sequence_removed(pipe):
     drop = next(s for s in SD3_SETTINGS if s[0] == "threshold 0.1, warmup 0.2, padding drop")
     score = next(s for s in SD3_SETTINGS if s[0] == "threshold 0.1, warmup 0.2")
-    rows = evaluate(pipe, EvalConfig.for_kind("sd3", n=2, steps=2, batch_size=2), settings=(SD3_SETTINGS[0], drop, score),
-                    progress=False)
-    assert [r["setting"] for r in rows] == ["stock", "stock", drop[0], drop[0], score[0], score[0]]
+    merge = next(s for s in SD3_SETTINGS if s[0] == "merge padding 0.9")
+    rows = evaluate(pipe, EvalConfig.for_kind("sd3", n=2, steps=2, batch_size=2),
+                    settings=(SD3_SETTINGS[0], drop, score, merge), progress=False)
+    assert [r["setting"] for r in rows] == ["stock", "stock", drop[0], drop[0], score[0], score[0], merge[0], merge[0]]
+    # merge_padding keeps every token (threshold 0) and still shortens the calls after the warm-up
+    assert rows[6]["positions_pruned"] == 0.0 and rows[6]["sequence_removed"] > 1 - 78 / 333
     # padding "score": the negative prompt's row keeps its CLIP padding; what goes is the zero merge's, on every call
     assert rows[4]["sequence_removed_generation"] == pytest.approx(1 - 78 / 333)
     assert rows[0]["sequence_removed"] == 0.0

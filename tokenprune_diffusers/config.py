@@ -43,7 +43,7 @@ class TokenPruneConfig:
     top_k: int | None = _opt(None, "instead of threshold: keep the k best candidates", "rule")
     reuse_kv: bool = _opt(True, "project the (pruned) prompt to keys and values once per layer and generation: exact", "speed")
     merge_zeros: bool = _opt(True, "MM-DiT (SD3 without T5): the identical zero T5 positions run as one text position with log(n) added to its logit, from the first call: exact up to float rounding", "speed")
-    merge_padding: float | None = _opt(None, "MM-DiT: on the pruned calls, the positions after end-of-text whose inputs have cosine similarity >= this (in (0, 1]) run as one position, their mean, with log(n) added to its logit: approximate; apply_token_pruning sets the model family's measured value when not given", "speed")
+    merge_padding: float | None = _opt(None, "MM-DiT: from the first call (unless warmup=1), the positions after end-of-text whose inputs have cosine similarity >= this (in (0, 1]) run as one position, their mean, with log(n) added to its logit: approximate; apply_token_pruning sets the model family's measured value when not given", "speed")
     gate: float | None = _opt(None, "from this share of the steps on, reuse each layer's cross-attention output of the last computed call (T-GATE): approximate", "speed")
     min_tokens: int = _opt(1, "floor: at least this many words stay per prompt (best first), whatever the rule")
     padding: str = _opt("score", "positions after end-of-text: candidates like words (\"score\"), never pruned (\"keep\"), or always pruned (\"drop\"; on MM-DiTs from the first call)")

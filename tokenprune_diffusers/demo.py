@@ -88,7 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.repeats < 1:
         ap.error(f"--repeats must be >= 1, got {args.repeats}")
     try:  # refuse bad pruning options before minutes are spent building the pipeline
-        args.config = TokenPruneConfig(**{k: getattr(args, k) for k in CLI_OPTIONS if getattr(args, k) is not None})
+        args.options = {k: getattr(args, k) for k in CLI_OPTIONS if getattr(args, k) is not None}
+        TokenPruneConfig(**args.options)
     except ValueError as err:
         ap.error(str(err))
     return args
@@ -147,12 +148,14 @@ def main(argv: list[str] | None = None) -> int:
         return img, time.perf_counter() - t0
 
     def pruned():
-        proc = apply_token_pruning(pipe, TokenPruneProcessor(args.config))
+        proc = apply_token_pruning(pipe, **args.options)  # the options given, else the model family's defaults
         img, seconds = generate()
         remove_token_pruning(pipe)
         return img, seconds, proc.report
 
-    print(f"stock and pruned ({TokenPruneProcessor(args.config)!r}): {args.steps} steps at {size}x{size}, "
+    config = apply_token_pruning(pipe, **args.options).config  # what the pruned runs take (SD3 / Flux: the family's)
+    remove_token_pruning(pipe)
+    print(f"stock and pruned ({TokenPruneProcessor(config)!r}): {args.steps} steps at {size}x{size}, "
           f"one warm-up run each, then {args.repeats} timed runs each, interleaved ...", flush=True)
     stock_img, _ = generate()
     pruned_img, _, report = pruned()
@@ -170,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {label}")
     print(timing_lines(stock_s, pruned_s))
     shares = report.savings()
-    exact = ("the zero merge (exact)", "merge") if report.flops_scope == "transformer" else ("K/V reuse (exact, not pruning)", "kv_reuse")
+    exact = ("the merges (zeros: exact; padding: approximate)", "merge") if report.flops_scope == "transformer" else ("K/V reuse (exact, not pruning)", "kv_reuse")
     print(f"{report.flops_scope} FLOPs against stock: pruning removed {100 * shares['pruning']:.1f}%, "
           f"{exact[0]} removed {100 * shares[exact[1]]:.1f}%, scoring added {-100 * shares['scoring']:.1f}%")
     diff = np.abs(stock_img.astype(np.float64) - pruned_img.astype(np.float64))
@@ -178,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     psnr = float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
     print(f"fidelity vs stock: PSNR {psnr:.2f} dB, max abs diff {diff.max():.4f}")
     if report.keep is None or bool(report.keep.all()):
-        print("nothing was pruned: every candidate scored above the rule; try a higher --threshold or --keep-ratio 0.5")
+        why = ("the rule keeps every token (threshold 0; the merges shortened the text)" if config.threshold == 0
+               else "every candidate scored above the rule")
+        print(f"nothing was pruned: {why}; try a higher --threshold or --keep-ratio 0.5")
 
     from PIL import Image
 

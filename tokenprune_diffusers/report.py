@@ -15,7 +15,7 @@ from .scoring import PADDING, SPECIAL
 __all__ = ["StepRecord", "PruneReport", "SAVINGS", "cross_attention_flops", "add_cross_attention_flops", "JointDims",
            "joint_transformer_flops", "add_text_stream_flops"]
 
-_LABELS = {"merge": "zero merge", "pruning": "pruning", "kv_reuse": "K/V reuse", "gating": "gating", "collapse": "guidance collapse",
+_LABELS = {"merge": "merges", "pruning": "pruning", "kv_reuse": "K/V reuse", "gating": "gating", "collapse": "guidance collapse",
            "deep_cache": "DeepCache", "scoring": "scoring"}
 
 

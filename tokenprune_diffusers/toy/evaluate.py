@@ -65,27 +65,40 @@ SPEED_SETTINGS: tuple[Setting, ...] = (
 # the SD3 toy: thresholds x warm-ups x padding policies (its text is 77 CLIP + 256 zero positions)
 SD3_SETTINGS: tuple[tuple[str, dict | None], ...] = (
     ("stock", None),
-    ("threshold 0.1, warmup 0.2", dict(threshold=0.1, warmup=0.2)),
-    ("threshold 0.1, warmup 0.2, padding drop", dict(threshold=0.1, warmup=0.2, padding="drop")),
-    ("threshold 0.1, warmup 0, padding drop", dict(threshold=0.1, warmup=0.0, padding="drop")),
-    ("threshold 0.3, warmup 0.2, padding drop", dict(threshold=0.3, warmup=0.2, padding="drop")),
-    ("threshold 0.5, warmup 0.2, padding drop", dict(threshold=0.5, warmup=0.2, padding="drop")),
-    ("threshold 0.1, warmup 0", dict(threshold=0.1, warmup=0.0)),
-    ("threshold 0.3, warmup 0.2", dict(threshold=0.3, warmup=0.2)),
-    ("threshold 0.3, warmup 0.2, padding keep", dict(threshold=0.3, warmup=0.2, padding="keep")),
+    ("threshold 0.1, warmup 0.2", dict(threshold=0.1, warmup=0.2, merge_padding=None)),
+    ("threshold 0.1, warmup 0.2, padding drop", dict(threshold=0.1, warmup=0.2, padding="drop", merge_padding=None)),
+    ("threshold 0.1, warmup 0, padding drop", dict(threshold=0.1, warmup=0.0, padding="drop", merge_padding=None)),
+    ("threshold 0.3, warmup 0.2, padding drop", dict(threshold=0.3, warmup=0.2, padding="drop", merge_padding=None)),
+    ("threshold 0.5, warmup 0.2, padding drop", dict(threshold=0.5, warmup=0.2, padding="drop", merge_padding=None)),
+    ("threshold 0.1, warmup 0", dict(threshold=0.1, warmup=0.0, merge_padding=None)),
+    ("threshold 0.3, warmup 0.2", dict(threshold=0.3, warmup=0.2, merge_padding=None)),
+    ("threshold 0.3, warmup 0.2, padding keep", dict(threshold=0.3, warmup=0.2, padding="keep", merge_padding=None)),
+    # merge_padding: the CLIP padding after end-of-text run as groups of near-identical positions
+    ("merge padding 0.9", dict(threshold=0.0, merge_padding=0.9)),
+    ("merge padding 0.8", dict(threshold=0.0, merge_padding=0.8)),
+    ("merge padding 0.7", dict(threshold=0.0, merge_padding=0.7)),
+    ("merge padding 0.5", dict(threshold=0.0, merge_padding=0.5)),
+    ("merge padding 0.3", dict(threshold=0.0, merge_padding=0.3)),
+    ("merge padding 0.1", dict(threshold=0.0, merge_padding=0.1)),
+    ("threshold 0.1, merge padding 0.9", dict(threshold=0.1, merge_padding=0.9)),
+    ("SD3 defaults", {}),  # what apply_token_pruning(pipe) does (mmdit.FAMILIES)
 )
 # the Flux toy: its text is T5 only, FLUX_MAX_SEQUENCE_LENGTH positions, mostly padding (T5 ran unmasked)
 FLUX_SETTINGS: tuple[tuple[str, dict | None], ...] = (
     ("stock", None),
-    ("defaults", dict(threshold=0.1)),  # the library's defaults, measured before Flux's own (threshold 0)
-    ("padding drop, warmup 0.2", dict(threshold=0.1, padding="drop")),
-    ("padding drop, warmup 0", dict(threshold=0.1, padding="drop", warmup=0.0)),
-    ("threshold 0.1, padding keep", dict(threshold=0.1, padding="keep")),
-    ("top_k 8", dict(top_k=8)),
+    ("threshold 0.1, warmup 0.2", dict(threshold=0.1, merge_padding=None)),  # the library's UNet rule
+    ("padding drop, warmup 0.2", dict(threshold=0.1, padding="drop", merge_padding=None)),
+    ("padding drop, warmup 0", dict(threshold=0.1, padding="drop", warmup=0.0, merge_padding=None)),
+    ("threshold 0.1, padding keep", dict(threshold=0.1, padding="keep", merge_padding=None)),
+    ("top_k 8", dict(top_k=8, merge_padding=None)),
+    ("merge padding 0.9", dict(threshold=0.0, merge_padding=0.9)),
+    ("merge padding 0.7", dict(threshold=0.0, merge_padding=0.7)),
+    ("merge padding 0.5", dict(threshold=0.0, merge_padding=0.5)),
+    ("Flux defaults", {}),  # what apply_token_pruning(pipe) does (mmdit.FAMILIES)
 )
 # toy kind -> (num_inference_steps, guidance_scale) it is meant for (see docs/toy_model.md); the Flux
 # toy has no guidance embedding: FluxPipeline ignores guidance_scale, it samples without guidance
-KINDS: dict[str, tuple[int, float]] = {"unet": (15, 2.0), "sd3": (10, 2.0), "flux": (10, 1.0)}
+KINDS: dict[str, tuple[int, float]] = {"unet": (15, 2.0), "sd3": (10, 3.0), "flux": (10, 1.0)}
 _ATTRIBUTE_WORDS = frozenset([*COLORS, *SHAPES, *SIZES, *POSITIONS])
 _SPECIAL = frozenset(["<|startoftext|>", "<|endoftext|>", "</s>", "<pad>"])  # CLIP's and T5's start / end / padding
 
@@ -183,15 +196,17 @@ def _reset(pipe) -> None:
 
 
 def _sequence_removed(report) -> tuple[float, float]:
-    """Share of the text sequence the denoiser no longer runs, on the pruned calls and averaged over
-    every call: from the text positions each MM-DiT call ran (the zero merge and an early padding
-    drop included), else from the kept counts (the batch runs its longest row's)."""
+    """Share of the text sequence the denoiser no longer runs, on the pruned calls (those after the
+    warm-up, whether or not they dropped a token: merge_padding shortens them too) and averaged over
+    every call: from the text positions each MM-DiT call ran (the zero merge, merge_padding and an
+    early padding drop included), else from the kept counts (the batch runs its longest row's)."""
     if report.keep is None or not report.steps:
         return 0.0, 0.0
     length = report.keep.shape[1]
-    runs = [s.text_positions if s.text_positions is not None  # what the transformer ran (merge, early drop)
+    runs = [s.text_positions if s.text_positions is not None  # what the transformer ran (merges, early drop)
             else max(s.kept_counts) if s.pruned and s.kept_counts else length for s in report.steps]
-    pruned = [r for r, s in zip(runs, report.steps) if s.pruned]
+    start = report.prune_start
+    pruned = [r for r, s in zip(runs, report.steps) if s.pruned or (start is not None and s.call >= start)]
     on_pruned = 1.0 - float(np.mean(pruned)) / length if pruned else 0.0
     return on_pruned, 1.0 - float(np.mean(runs)) / length
 
