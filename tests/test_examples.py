@@ -53,8 +53,11 @@ def test_demo_cli_default_is_the_embedded_toy_model(tmp_path):
     assert Image.open(tmp_path / "stock.png").size == (32, 32)
 
 
-@pytest.mark.parametrize("kind, label", [("sd3", "SD3-shaped"), ("flux", "Flux-shaped")])
-def test_demo_cli_runs_the_mmdit_toys(tmp_path, kind, label):
+@pytest.mark.parametrize("kind, label, options, shown", [
+    ("sd3", "SD3-shaped", [], "merge_padding=0.8"),  # no option: the family's defaults
+    ("flux", "Flux-shaped", ["--padding", "drop"], "padding: 0/"),  # every padding position dropped
+])
+def test_demo_cli_runs_the_mmdit_toys(tmp_path, kind, label, options, shown):
     pytest.importorskip("diffusers")
     from tokenprune_diffusers.toy.flux import FLUX_WEIGHTS_DIR
     from tokenprune_diffusers.toy.sd3 import SD3_WEIGHTS_DIR
@@ -64,12 +67,12 @@ def test_demo_cli_runs_the_mmdit_toys(tmp_path, kind, label):
         pytest.skip(f"{kind} toy weights not exported to {weights}")
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "tokenprune_diffusers", f"--toy-{kind}", "--steps", "4", "--repeats", "1", "--padding", "drop",
+        [sys.executable, "-m", "tokenprune_diffusers", f"--toy-{kind}", "--steps", "4", "--repeats", "1", *options,
          "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=600, cwd=ROOT, env=env,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"model: embedded {label} toy model" in proc.stdout and "padding: 0/" in proc.stdout  # every padding position dropped
+    assert f"model: embedded {label} toy model" in proc.stdout and shown in proc.stdout
     for name in ("stock.png", "pruned.png", "report.json"):
         assert (tmp_path / name).is_file()
 

@@ -37,6 +37,8 @@ def clean(pipe):
 @pytest.mark.parametrize("options", [dict(threshold=0.0, merge_padding=None), dict(threshold=0.9, warmup=1.0)],
                          ids=["threshold0", "warmup1"])
 def test_no_pruning_settings_give_exactly_the_stock_output(pipe, options):
+    assert apply_token_pruning(pipe).config.merge_padding == 0.9  # Flux's default, which these options turn off
+    remove_token_pruning(pipe)
     stock = generate(pipe)
     proc = apply_token_pruning(pipe, **options)
     np.testing.assert_array_equal(generate(pipe), stock)

@@ -77,3 +77,15 @@ def test_merge_padding_equals_stock_on_the_text_with_each_group_replaced_by_its_
         original = sd3.transformer(**{**kwargs, "return_dict": False})[0]
     torch.testing.assert_close(merged_out, reference, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(merged_out, original, atol=1e-5)
+
+
+def test_kept_groups_never_split_a_group_and_a_kept_member_stands_for_it():
+    """Greedy grouping can split a group when a middle member is left out before grouping; grouping
+    all positions and then keeping some does not: a group whose first member is dropped is stood
+    for by its first kept member, and the stream never has more slots than the unrestricted one."""
+    from tokenprune_diffusers.merge import kept_groups, text_stream
+
+    rep = torch.tensor([[0, 0, 0, 3, 3, 5]])
+    keep = torch.tensor([[False, True, True, True, False, True]])
+    assert kept_groups(rep, keep).tolist() == [[0, 1, 1, 3, 4, 5]]
+    assert text_stream(kept_groups(rep, keep), keep).index.shape[1] <= text_stream(rep).index.shape[1]

@@ -118,11 +118,18 @@ def test_a_stock_computed_generation_saves_nothing(pipe):
 
 
 def test_merge_padding_saves_as_a_merge_not_as_pruning(pipe):
-    """Keeping every token with the padding merged: the report's saving is the merges', none of it
-    pruning, on every call from the first."""
+    """Keeping every token with the padding merged: the report's saving is the merges' (more than
+    the zero merge's alone), none of it pruning, on every call from the first; pruning on top of the
+    merge never reports a negative pruning saving (the decision does not split a group)."""
+    plain = apply_token_pruning(pipe, threshold=0.0, merge_padding=None)
+    generate(pipe, steps=3)
+    zero_merge = plain.report.savings()["merge"]
     proc = apply_token_pruning(pipe, threshold=0.0, merge_padding=0.9)
     generate(pipe, steps=3)
     report, full = proc.report, proc.report.keep.shape[1]
     shares = report.savings()
-    assert shares["merge"] > 0 and shares["pruning"] == 0 and report.keep.all()
+    assert shares["merge"] > zero_merge and shares["pruning"] == 0 and report.keep.all()
     assert all(s.text_positions < full for s in report.steps)
+    both = apply_token_pruning(pipe, top_k=2, warmup=0.4, merge_padding=0.9)
+    generate(pipe)
+    assert both.report.savings()["pruning"] > 0 and all(s.saved["pruning"] >= 0 for s in both.report.steps)

@@ -81,7 +81,7 @@ def test_the_sd3_default_keeps_every_token_and_merges_the_zeros_and_the_padding(
     apply_token_pruning(pipe, merge_padding=None)
     exact = generate(pipe)
     h.remove()
-    assert lengths[:5] == lengths[:1] * 5 and lengths[0] <= 78 and lengths[5:] == [78] * 5
+    assert lengths[:5] == lengths[:1] * 5 and lengths[0] < 78 and lengths[5:] == [78] * 5  # merged from the first call
     np.testing.assert_allclose(exact, stock, atol=5e-6, rtol=0)
     assert np.abs(image - stock).max() < 0.1  # the merge is approximate
     assert apply_token_pruning(pipe, warmup=0.4).config.threshold == 0.0

@@ -44,7 +44,7 @@ _DEFAULTS = {
 
 
 # the pruning options the command line offers; their defaults and help come from TokenPruneConfig
-CLI_OPTIONS = ("threshold", "keep_ratio", "top_k", "warmup", "min_tokens", "padding")
+CLI_OPTIONS = ("threshold", "keep_ratio", "top_k", "warmup", "min_tokens", "padding", "merge_padding")
 RULE_OPTIONS = ("threshold", "keep_ratio", "top_k")
 
 
@@ -181,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     psnr = float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
     print(f"fidelity vs stock: PSNR {psnr:.2f} dB, max abs diff {diff.max():.4f}")
     if report.keep is None or bool(report.keep.all()):
-        why = ("the rule keeps every token (threshold 0; the merges shortened the text)" if config.threshold == 0
-               else "every candidate scored above the rule")
+        why = ("the rule keeps every token (threshold 0" + ("; the merges shortened the text)" if shares["merge"] > 0 else ")")
+               if config.threshold == 0 else "every candidate scored above the rule")
         print(f"nothing was pruned: {why}; try a higher --threshold or --keep-ratio 0.5")
 
     from PIL import Image

@@ -176,7 +176,9 @@ class GenerationFollower:
 
     def __repr__(self) -> str:
         c = self.config
-        return f"{type(self).__name__}({c.rule}={c.rule_value!r}, warmup={c.warmup!r}, min_tokens={c.min_tokens}, padding={c.padding!r})"
+        merge = "" if c.merge_padding is None else f", merge_padding={c.merge_padding!r}"
+        return (f"{type(self).__name__}({c.rule}={c.rule_value!r}, warmup={c.warmup!r}, min_tokens={c.min_tokens}, "
+                f"padding={c.padding!r}{merge})")
 
     @property
     def schedule(self) -> Schedule | None:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .scoring import gather_rows, kept_index
 
-__all__ = ["TextStream", "text_stream", "identical_groups", "similar_groups"]
+__all__ = ["TextStream", "text_stream", "identical_groups", "similar_groups", "kept_groups"]
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,17 @@ def similar_groups(x: torch.Tensor, candidates: torch.Tensor, threshold: float) 
         sums[rows[cand[:, i]], target[cand[:, i]]] += v[cand[:, i], i]
         live[new, i] = True
     return rep
+
+
+def kept_groups(rep: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``rep`` (B, L) restricted to the kept positions (B, L) bool: a group's kept members stay one
+    group, the first of them standing for it; a left-out position stands alone. So keeping fewer
+    positions never splits a group (never runs more slots than the grouping of all of them)."""
+    B, L = rep.shape
+    own = torch.arange(L, device=rep.device).expand(B, L)
+    none = torch.full((B, L), L, dtype=rep.dtype, device=rep.device)
+    first = none.scatter_reduce(1, rep, torch.where(keep, own, none), reduce="amin")  # (B, L) at a rep: its first kept member
+    return torch.where(keep, first.gather(1, rep), own)
 
 
 def text_stream(rep: torch.Tensor, keep: torch.Tensor | None = None) -> TextStream:

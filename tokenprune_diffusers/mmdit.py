@@ -30,7 +30,7 @@ from .clock import CallInfo, attach_clock, detach_clock, get_clock
 from .config import RULES, TokenPruneConfig
 from .generation import GenerationFollower
 from .joint import FluxTokenPruneProcessor, JointTokenPruneProcessor
-from .merge import TextStream, identical_groups, similar_groups, text_stream
+from .merge import TextStream, identical_groups, kept_groups, similar_groups, text_stream
 from .report import JointDims, add_text_stream_flops
 from .scoring import PADDING
 
@@ -82,12 +82,11 @@ FAMILIES = {
         stock=("JointAttnProcessor2_0",), processor=JointTokenPruneProcessor, text=("tokenizer", "text_encoder"),
         zero_tail=True, scored_blocks="every joint block", dims=_sd3_dims,
         image_tokens=lambda x, c: (x.shape[-2] // c.patch_size) * (x.shape[-1] // c.patch_size),  # (B, C, H, W)
-        # measured on the trained SD3 toy (benchmarks/results/toy_sd3_adherence.md): every pruning setting
-        # beyond the exact zero merge costs prompt adherence (threshold 0.1: 93.0 -> 91.0% / 79.0 -> 70.5%),
-        # and under CFG the empty negative prompt keeps the stream long anyway: by default keep every token
-        # (the exact zero merge, merge_zeros, is the saving); merge_padding 0.8, chosen on validation prompts
-        # (seed 20000): 0.9-0.7 within a point or two of stock, 0.5 breaks one-object prompts; the middle of
-        # the flat range, 89-92% of the text sequence gone on every call
+        # measured on the trained SD3 toy (benchmarks/results/toy_sd3_adherence.md): every setting that
+        # drops tokens costs prompt adherence (threshold 0.1: 96.5 -> 88.0% / 87.0 -> 70.5%), and under CFG
+        # the empty negative prompt keeps the stream long anyway: by default keep every token; merge_padding
+        # 0.8, chosen on validation prompts (seed 20000): 0.9-0.7 within a point or two of stock, 0.5 breaks
+        # one-object prompts; the middle of the flat range, 88-91% of the text sequence gone on every call
         threshold=0.0,
         merge_padding=0.8,
     ),
@@ -126,12 +125,12 @@ class MMDiTTokenPruning(GenerationFollower):
         self._text: tuple | None = None  # (generation, identity of its text tensor)
         self.dims: JointDims | None = None  # the transformer's FLOP dimensions (set by apply_mmdit)
         self.transformer_config: Any = None
-        self._merged_length: int | None = None  # text positions of the running call with the zero merge alone
+        self._merged_length: int | None = None  # text positions of the running call with the merges alone (no pruning)
 
     # ------------------------------------------------------------------ per transformer call (the clock calls these)
     def on_call(self, info: CallInfo, args: tuple = (), kwargs: dict | None = None) -> None:
-        """A transformer call starts: take its plan; from the first pruned call on, shorten its text
-        stream in ``kwargs`` (the transformer is called with them)."""
+        """A transformer call starts: take its plan; shorten its text stream in ``kwargs`` (the
+        transformer is called with them): merged from the first call, pruned from the first pruned one."""
         gen = self._follow(info)
         text = kwargs.get("encoder_hidden_states") if kwargs is not None else None  # (B, L, D)
         self.text_length = text.shape[1] if isinstance(text, torch.Tensor) else None
@@ -187,13 +186,13 @@ class MMDiTTokenPruning(GenerationFollower):
     def _stream(self, gen: Any, text: torch.Tensor) -> TextStream | None:
         """The text positions this call runs on (None: all of them, as stock): the kept ones (before
         the decision, with ``padding="drop"``, every position but the padding, which the decision
-        drops anyway), with SD3's identical zero T5 positions merged into one (``merge_zeros``)."""
+        drops anyway), with SD3's identical zero T5 positions merged into one (``merge_zeros``) and
+        near-identical padding positions into groups (``merge_padding``)."""
         B, L = text.shape[:2]
         if gen.stopped or gen.schedule is None:  # an unforeseen or unknown generation computes as stock
             return None
         index, _ = gen.kept(B)
-        pruned = gen.plan.prune and gen.report.keep is not None
-        key = (gen, index, pruned, text.data_ptr(), tuple(text.shape))  # the same on every call of a phase
+        key = (gen, index, text.data_ptr(), tuple(text.shape))  # the same on every call of a phase
         cached = self._stream_cache
         if cached is None or cached[0][0] is not gen or cached[0][1] is not index or cached[0][2:] != key[2:]:
             cached = self._stream_cache = (key, *self._new_stream(gen, text, index))
@@ -205,30 +204,23 @@ class MMDiTTokenPruning(GenerationFollower):
         B, L = text.shape[:2]
         keep = None
         if index is not None:
-            keep = gen.report.keep[-B:].to(index.device)  # (B, L) the decision's kept positions
+            keep = gen.report.keep[-B:].to(text.device)  # (B, L) the decision's kept positions
         elif self.config.padding == "drop" and gen.schedule.prune_start is not None and gen.report.roles is not None:
             keep = gen.report.roles[-B:].to(text.device) != PADDING  # padding is dropped anyway: from the first call
         alone = torch.arange(L, device=text.device).expand(B, L)  # (B, L) every position standing for itself
+        rep = alone
         zeros = torch.zeros(B, L, dtype=torch.bool, device=text.device)
         if self.family.zero_tail and self.config.merge_zeros:
             zeros = (text == 0).all(dim=-1)  # (B, L)
-        padding = None
+            rep = identical_groups(zeros)
         if self.config.merge_padding is not None and gen.schedule.prune_start is not None and gen.report.roles is not None:
             # from the first call, as the zero merge (the warm-up scores each group's slot, spread over its members)
             padding = (gen.report.roles[-B:].to(text.device) == PADDING) & ~zeros  # (B, L)
-
-        def groups(kept: torch.Tensor | None) -> torch.Tensor:  # (B, L) rep of the merges among the kept positions
-            rep = identical_groups(zeros, kept) if bool(zeros.any()) else alone
-            if padding is None:
-                return rep
-            candidates = padding if kept is None else padding & kept
-            return torch.where(candidates, similar_groups(text, candidates, self.config.merge_padding), rep)
-
-        rep = groups(None)
+            rep = torch.where(padding, similar_groups(text, padding, self.config.merge_padding), rep)
         merged = int((rep == alone).sum(1).max())  # what the merges alone would run: the batch runs its longest row
         if keep is not None:
-            rep = groups(keep)
-        if keep is None and bool((rep == alone).all()):
+            rep = kept_groups(rep, keep)  # the decision never splits a group: it runs <= merged slots
+        elif bool((rep == alone).all()):
             return None, merged
         return text_stream(rep, keep), merged
 

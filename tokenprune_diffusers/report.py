@@ -124,9 +124,9 @@ def add_cross_attention_flops(
 def add_text_stream_flops(step: StepRecord, dims: JointDims, batch: int, image: int, full_len: int, merged_len: int,
                           run_len: int, *, scored_blocks: int = 0) -> None:
     """Record one MM-DiT transformer call in ``step``, against stock (``full_len`` text positions):
-    the exact zero merge alone would run ``merged_len`` positions, the call ran ``run_len`` (rows
-    padded to the longest); ``scored_blocks`` blocks computed the warm-up's scores (the image queries
-    against every key once more)."""
+    the merges alone (SD3's zero positions, ``merge_padding``'s groups) would run ``merged_len``
+    positions, the call ran ``run_len`` (rows padded to the longest); ``scored_blocks`` blocks
+    computed the warm-up's scores (the image queries against every key once more)."""
     stock = joint_transformer_flops(dims, batch, image, full_len)
     merged = joint_transformer_flops(dims, batch, image, merged_len)
     done = joint_transformer_flops(dims, batch, image, run_len)
