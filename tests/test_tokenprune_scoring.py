@@ -146,7 +146,7 @@ def test_text_stream_merges_identical_positions_exactly_and_spreads_their_mass_b
     attention mass are recovered exactly; kept positions and padded slots are respected."""
     import torch.nn.functional as F
 
-    from tokenprune_diffusers.merge import identical_groups, text_stream
+    from tokenprune_diffusers.merge import identical_groups, kept_groups, text_stream
     from tokenprune_diffusers.scoring import attention_mass
 
     g = torch.Generator().manual_seed(0)
@@ -155,7 +155,7 @@ def test_text_stream_merges_identical_positions_exactly_and_spreads_their_mass_b
     identical[:, 6:] = True  # a zero tail of 4 positions
     keep = torch.ones(B, L, dtype=torch.bool)
     keep[0, 2] = keep[1, 7] = False
-    ts = text_stream(identical_groups(identical, keep), keep)
+    ts = text_stream(kept_groups(identical_groups(identical), keep), keep)
     assert ts.index.tolist() == [[0, 1, 3, 4, 5, 6, 6], [0, 1, 2, 3, 4, 5, 6]]  # row 0 padded with its last
     assert ts.bias[0, 5] == pytest.approx(math.log(4)) and ts.bias[0, 6] == -math.inf and ts.bias[1, 6] == pytest.approx(math.log(3))
     k, v = torch.randn(B, H, L, d, generator=g), torch.randn(B, H, L, d, generator=g)

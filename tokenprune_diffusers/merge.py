@@ -69,14 +69,13 @@ class TextStream:
         return mass.gather(-1, idx) * per.view(per.shape[0], *([1] * len(lead)), -1)
 
 
-def identical_groups(identical: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, L) bool, the positions of each row whose inputs are identical (among the kept ones)
-    -> ``rep`` (B, L): all of them stand with the row's first one."""
+def identical_groups(identical: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool, the positions of each row whose inputs are identical -> ``rep`` (B, L): all of
+    them stand with the row's first one (:func:`kept_groups` restricts it to kept positions)."""
     B, L = identical.shape
-    same = identical if keep is None else identical & keep  # (B, L)
-    first = same.int().argmax(1, keepdim=True)  # (B, 1)
+    first = identical.int().argmax(1, keepdim=True)  # (B, 1)
     own = torch.arange(L, device=identical.device).expand(B, L)
-    return torch.where(same, first.expand(B, L), own)
+    return torch.where(identical, first.expand(B, L), own)
 
 
 def similar_groups(x: torch.Tensor, candidates: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -129,8 +128,7 @@ def text_stream(rep: torch.Tensor, keep: torch.Tensor | None = None) -> TextStre
 
     Args:
         rep: (B, L) long, the position standing for each position's group (itself when alone); a
-            representative must be kept when any of its group is (:func:`identical_groups` and
-            :func:`similar_groups` group kept positions only when given them).
+            representative must be kept when any of its group is (:func:`kept_groups` makes it so).
         keep: (B, L) bool, the positions kept (None: all).
 
     Returns:

@@ -206,7 +206,7 @@ def _sequence_removed(report) -> tuple[float, float]:
     runs = [s.text_positions if s.text_positions is not None  # what the transformer ran (merges, early drop)
             else max(s.kept_counts) if s.pruned and s.kept_counts else length for s in report.steps]
     start = report.prune_start
-    pruned = [r for r, s in zip(runs, report.steps) if s.pruned or (start is not None and s.call >= start)]
+    pruned = [r for r, s in zip(runs, report.steps) if start is not None and s.call >= start]
     on_pruned = 1.0 - float(np.mean(pruned)) / length if pruned else 0.0
     return on_pruned, 1.0 - float(np.mean(runs)) / length
 
