@@ -8,7 +8,7 @@ DIR/mini-imagenet/ holds Ravi & Larochelle's ``train.csv`` / ``val.csv`` (``test
 classes are) and the 84x84 images.  The stages keep their state in ``$FEWSHOT_CCD_BENCH_WORKDIR``
 (default: ``<cache dir>/runs/miniimagenet_full``, see ``fewshot_ccd.data.cache.cache_dir``); rerun
 the same command after an interruption and it continues.  Full budget on 1 thread of a 2-core CPU:
-about 1 h 15 min (pre-training ~1 h, features ~10 min, the search and evaluations ~15 min).
+about 1 h 35 min (pre-training ~1 h, features, the search of 11 variants, evaluations and timing ~40 min).
 Results: ``benchmarks/results/fewshot_miniimagenet.{md,json}``.
 """
 
@@ -69,11 +69,13 @@ def _markdown(res: dict, command: str, env: dict) -> str:
         + f": best {pre['best_val']:.2f}% at step {pre['best_step']}.  "
         f"Training accuracy of the last 100 batches: {pre['train_acc_last_100']:.1f}%.  ",
         f"Frozen features ({res['feature_dim']}-d) -> CCD variants trained on train-class feature episodes "
-        f"({res['config']['train_steps']} Adam {res['config']['lr']:g} steps, {res['config']['train_query']} "
-        f"queries per class); the variant is chosen on {res['config']['select_episodes']} val episodes of seed "
+        f"({res['config']['train_steps']} Adam {res['config']['lr']:g} steps unless the variant sets its own "
+        f"`train_steps` / `lr`, {res['config']['train_query']} queries per class); the variant is chosen on "
+        f"{res['config']['select_episodes']} val episodes of seed "
         f"{res['config']['select_seed']}; the rows below use {res['config']['eval_episodes']} other episodes "
         f"(seed {res['config']['eval_seed']}, {res['config']['eval_query']} queries per class), the same for "
-        f"both models.  ProtoNet is the pre-trained backbone's prototypes (nothing trained on episodes).  ",
+        f"every model.  ProtoNet is the pre-trained backbone's prototypes (nothing trained on episodes), with the "
+        f"squared Euclidean distance (Snell et al.) and with the cosine (L2-normalised features, as SimpleShot).  ",
         f"Machine: {env['processor']}, {env['cpu_count']} CPUs, {env['torch_threads']} torch thread(s), "
         f"torch {env['torch']}.", "",
     ]
@@ -81,7 +83,8 @@ def _markdown(res: dict, command: str, env: dict) -> str:
         best = res["best_variant"][setting]
         lines += [f"## CCD design search (val, {setting}, selection episodes)", "",
                   "| variant | val acc % | training s | learned scale alpha |", "| --- | --- | --- | --- |",
-                  f"| ProtoNet (no module) | {_fmt(res['search_protonet'][setting])} | | |"]
+                  f"| ProtoNet (no module) | {_fmt(res['search_protonet'][setting]['euclidean'])} | | |",
+                  f"| ProtoNet, cosine (no module) | {_fmt(res['search_protonet'][setting]['cosine'])} | | |"]
         for name, r in rows.items():
             alpha = "" if r["alpha"] is None else f"{r['alpha']:.3f}"
             lines.append(f"| {name} | {_fmt(r)} | {r['train_s']:.0f} | {alpha} |")
@@ -89,15 +92,18 @@ def _markdown(res: dict, command: str, env: dict) -> str:
                   f"({json.dumps({k: v for k, v in best.items() if k != 'name'})}).", ""]
     for split, table in res["accuracy"].items():
         lines += [f"## {split} classes, {res['config']['eval_episodes']} episodes per setting", "",
-                  "| setting | ProtoNet | CCD | CCD - ProtoNet, paired 95% CI | sum of the two CIs | "
+                  "| setting | ProtoNet | ProtoNet, cosine | CCD | CCD - ProtoNet, paired 95% CI | sum of the two CIs | "
+                  "CCD - cosine ProtoNet, paired 95% CI | sum of those two CIs | "
                   "blog ProtoNet -> CCD (claimed, split not stated) | FEAT paper ProtoNet -> FEAT, ConvNet "
-                  "(claimed, test classes) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+                  "(claimed, test classes) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for s in SETTINGS:
             if s not in table:
                 continue
-            p, c = table[s]["protonet"], table[s]["ccd"]
+            p, pc, c = table[s]["protonet"], table[s]["protonet_cosine"], table[s]["ccd"]
             gap, gap_ci = paired_gap(p["per_episode"], c["per_episode"])
-            lines.append(f"| {s} | {_fmt(p)} | {_fmt(c)} | {gap:+.2f} ± {gap_ci:.2f} | {p['ci95'] + c['ci95']:.2f} | "
+            gap_c, gap_c_ci = paired_gap(pc["per_episode"], c["per_episode"])
+            lines.append(f"| {s} | {_fmt(p)} | {_fmt(pc)} | {_fmt(c)} | {gap:+.2f} ± {gap_ci:.2f} | "
+                         f"{p['ci95'] + c['ci95']:.2f} | {gap_c:+.2f} ± {gap_c_ci:.2f} | {pc['ci95'] + c['ci95']:.2f} | "
                          f"{BLOG[s][0]} -> {BLOG[s][1]} | {FEAT_PAPER[s][0]} -> {FEAT_PAPER[s][1]} |")
         lines.append("")
     if res["timing"]:
@@ -150,7 +156,7 @@ def test_miniimagenet_staged(budget: str, data_root: Path, results_dir: Path, tm
     assert set(res["accuracy"]) == ({"val", "test"} if (root / "test.csv").exists() else {"val"})
     for table in res["accuracy"].values():
         for s in SETTINGS:
-            for m in ("protonet", "ccd"):
+            for m in ("protonet", "protonet_cosine", "ccd"):
                 assert 0.0 <= table[s][m]["mean"] <= 100.0 and len(table[s][m]["per_episode"]) == \
                     config.eval_episodes, (s, m)
     assert res["pretrain"]["steps"] == res["pretrain"]["total_steps"]

@@ -23,12 +23,14 @@ import torch
 from torch import nn
 
 from ._atomic import atomic_write_text
+from ._checks import finite
 from .data.folders import MiniImageNet
 from .data.sampler import EpisodeSampler, split_episode
 from .dependency import ClassDependencyModule, DependencyConfig
 from .evaluate import evaluate_features
 from .features import cached_features, meta_train_features, on_features
 from .methods import CCDNet, FewShotClassifier, ProtoNet
+from .methods.base import DISTANCES
 from .models import build_backbone
 from .pretrain import (
     PretrainConfig,
@@ -60,13 +62,22 @@ class Variant:
     contrastive_weight: float = 0.0  # FEAT's regulariser
     contrastive_temperature: float = 16.0  # FEAT's temperature2 for its ConvNet
     temperature: float = 64.0  # logits / temperature (FEAT's ConvNet: 64); learned from this value
+    distance: str = "euclidean"  # the classifier's distance ("cosine": CCD on top of a cosine ProtoNet)
     train_way: int = 5  # ways of the training episodes (20: FEAT's / Snell's many-way training)
+    train_steps: int | None = None  # training episodes (None: the pipeline's train_steps)
+    lr: float | None = None  # Adam learning rate (None: the pipeline's lr)
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():
             raise ValueError(f"variant name must be a non-empty identifier, got {self.name!r}")
         if self.train_way < 2:
             raise ValueError(f"train_way must be >= 2, got {self.train_way}")
+        if self.distance not in DISTANCES:
+            raise ValueError(f"distance must be one of {DISTANCES}, got {self.distance!r}")
+        if self.train_steps is not None and self.train_steps < 1:
+            raise ValueError(f"train_steps must be >= 1 or None, got {self.train_steps}")
+        if self.lr is not None:
+            finite("lr", self.lr, low=0.0, low_open=True)
         self.dependency(self.num_heads if self.num_heads >= 1 else 1)  # validates the module fields
 
     def dependency(self, dim: int) -> DependencyConfig:
@@ -81,6 +92,13 @@ DEFAULT_VARIANTS = (
     Variant("pre8_scale1", scale_init=1.0),  # the adaptive scale starting at full strength
     Variant("pre8_20way", train_way=20),
     Variant("pre8_contrastive", contrastive_weight=1.0),  # FEAT's regulariser (weight 1: its 1-shot ConvNet)
+    Variant("post1_long", num_heads=1, norm="post", adaptive_scale=False, train_steps=2000, lr=3e-4),
+    # on top of a cosine ProtoNet (L2-normalised prototypes and queries; temperature 0.1, learned)
+    Variant("post1_cos", num_heads=1, norm="post", adaptive_scale=False, distance="cosine", temperature=0.1),
+    Variant("post1_long_cos", num_heads=1, norm="post", adaptive_scale=False, distance="cosine", temperature=0.1,
+            train_steps=2000, lr=3e-4),
+    Variant("post1_cos_4k", num_heads=1, norm="post", adaptive_scale=False, distance="cosine", temperature=0.1,
+            train_steps=4000, lr=3e-4),
 )
 
 
@@ -92,7 +110,7 @@ class PipelineConfig:
     image_size: int = 84  # images are resized to this (84: mini-ImageNet's own size)
     seed: int = 0  # backbone initialisation and training episodes
     pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(
-        epochs=2, batch_size=64, lr=0.05, warmup_steps=100, val_every=300, val_per_class=100,
+        epochs=8, batch_size=64, lr=0.05, warmup_steps=100, val_every=600, val_per_class=100,
         val_episodes=500, checkpoint_every=50))
     variants: tuple[Variant, ...] = DEFAULT_VARIANTS  # searched on val for each setting, best one kept
     feature_train_per_class: int | None = 200  # train-class images embedded per class (None: all)
@@ -130,7 +148,8 @@ def build_variant(v: Variant, dim: int, *, seed: int = 0, backbone: nn.Module | 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
         module = ClassDependencyModule(config=v.dependency(dim))
-    return CCDNet(backbone if backbone is not None else nn.Identity(), module, temperature=v.temperature,
+    return CCDNet(backbone if backbone is not None else nn.Identity(), module, distance=v.distance,
+                  temperature=v.temperature,
                   learn_temperature=True, contrastive_weight=v.contrastive_weight,
                   contrastive_temperature=v.contrastive_temperature)
 
@@ -213,9 +232,10 @@ def run_pipeline(root: str | os.PathLike, workdir: str | os.PathLike, config: Pi
 
     def train_variant(v: Variant, n_shot: int) -> CCDNet:
         model = build_variant(v, dim, seed=config.seed)
+        steps = v.train_steps or config.train_steps
         meta_train_features(model, feats["train"], labels["train"], TrainConfig(
-            n_way=v.train_way, n_shot=n_shot, n_query=config.train_query, steps=config.train_steps, lr=config.lr,
-            lr_decay_every=max(1, config.train_steps // 2), seed=config.seed, progress=config.progress))
+            n_way=v.train_way, n_shot=n_shot, n_query=config.train_query, steps=steps, lr=v.lr or config.lr,
+            lr_decay_every=max(1, steps // 2), seed=config.seed, progress=config.progress))
         return model
 
     def score(model: FewShotClassifier, split: str, n_way: int, n_shot: int, episodes: int, seed: int) -> dict:
@@ -227,6 +247,8 @@ def run_pipeline(root: str | os.PathLike, workdir: str | os.PathLike, config: Pi
                 "train_query": config.train_query, "lr": config.lr, "seed": config.seed,
                 "train_rows": len(labels["train"]), "image_size": config.image_size}
     protonet = on_features(ProtoNet(nn.Identity()))
+    # the practitioner's other baseline on pre-trained features: cosine prototypes (SimpleShot-style L2 norm)
+    protonet_cosine = on_features(ProtoNet(nn.Identity(), distance="cosine"))
     search: dict = {}
     search_protonet: dict = {}
     best: dict[str, Variant] = {}
@@ -243,8 +265,9 @@ def run_pipeline(root: str | os.PathLike, workdir: str | os.PathLike, config: Pi
             search[setting][v.name] = _stage(
                 workdir / "search" / f"{v.name}_{way}w{shot}s.json",
                 base_key | {"variant": asdict(v), "select": [config.select_episodes, config.select_seed]}, run_search)
-        r = score(protonet, "val", way, shot, config.select_episodes, config.select_seed)
-        search_protonet[setting] = {"mean": r["mean"], "ci95": r["ci95"]}
+        for name, baseline in (("euclidean", protonet), ("cosine", protonet_cosine)):
+            r = score(baseline, "val", way, shot, config.select_episodes, config.select_seed)
+            search_protonet.setdefault(setting, {})[name] = {"mean": r["mean"], "ci95": r["ci95"]}
         best[setting] = max(config.variants, key=lambda v, s=setting: search[s][v.name]["mean"])
 
     accuracy: dict = {}
@@ -258,8 +281,9 @@ def run_pipeline(root: str | os.PathLike, workdir: str | os.PathLike, config: Pi
             def run_eval(n_way=n_way, n_shot=n_shot, split=split, name=name) -> dict:
                 if name not in trained:
                     trained[name] = train_variant(best[name], n_shot)
-                return {"protonet": score(protonet, split, n_way, n_shot, config.eval_episodes, config.eval_seed),
-                        "ccd": score(trained[name], split, n_way, n_shot, config.eval_episodes, config.eval_seed)}
+                models = {"protonet": protonet, "protonet_cosine": protonet_cosine, "ccd": trained[name]}
+                return {m: score(model, split, n_way, n_shot, config.eval_episodes, config.eval_seed)
+                        for m, model in models.items()}
             accuracy.setdefault(split, {})[name] = _stage(
                 workdir / "eval" / f"{split}_{name}.json",
                 base_key | {"variant": asdict(best[name]), "eval": [config.eval_episodes, config.eval_seed,

@@ -200,7 +200,7 @@ def test_cached_features_recompute_only_when_the_key_changes(tmp_path):
 
 # ---- pipeline pieces ----------------------------------------------------------------------------
 def test_pipeline_stage_is_resumable_and_variants_are_validated(tmp_path):
-    from fewshot_ccd.pipeline import PipelineConfig, Variant, _stage
+    from fewshot_ccd.pipeline import PipelineConfig, Variant, _stage, build_variant
 
     calls = []
     first = _stage(tmp_path / "s.json", {"a": 1}, lambda: calls.append(1) or {"x": len(calls)})
@@ -213,5 +213,13 @@ def test_pipeline_stage_is_resumable_and_variants_are_validated(tmp_path):
         Variant("w", train_way=1)
     with pytest.raises(ValueError, match="unique"):
         PipelineConfig(variants=(Variant("a"), Variant("a")))
+    with pytest.raises(ValueError, match="distance must be one of"):
+        Variant("d", distance="manhattan")
+    with pytest.raises(ValueError, match="train_steps"):
+        Variant("s", train_steps=0)
+    with pytest.raises(ValueError, match="lr"):
+        Variant("l", lr=float("nan"))
+    cos = build_variant(Variant("c", num_heads=1, distance="cosine", temperature=0.1), 16)
+    assert cos.distance == "cosine" and cos.log_temperature.exp().item() == pytest.approx(0.1)
     cfg = PipelineConfig(variants=[{"name": "p", "norm": "post"}], pretrain={"epochs": 1})
     assert cfg.variants[0].norm == "post" and cfg.pretrain.epochs == 1
